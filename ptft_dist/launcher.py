@@ -1,0 +1,128 @@
+"""Running recipes on Ray Train: the only module that imports ``ray``.
+
+``session()`` joins a running cluster (``--address`` / ``RAY_ADDRESS``) or starts one in this
+process. ``fit()`` runs a recipe on ``num_workers`` TorchTrainer workers: each builds its
+World from the Ray Train context, resumes from the checkpoint Ray hands it (after a worker
+failure), and reports every checkpoint with ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ScalingConfig, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+#: Environment passed to every Ray worker when set in the driver.
+PASS_ENV = ("TORCH_EXTENSIONS_DIR", "PYTHONWARNINGS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_DIR", "HF_HOME", "DS_ACCELERATOR")
+
+
+def _env_vars(use_gpu: bool) -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+@contextlib.contextmanager
+def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu: bool = False):
+    """A Ray session: joins ``address`` (or ``RAY_ADDRESS``), else starts a local cluster
+    in-process with its dashboard bound to 127.0.0.1. Shuts down what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": _env_vars(use_gpu)}
+    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(scaling: ScalingConfig, what: str) -> None:
+    """Fail fast when the cluster can never hold the workers (instead of waiting forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(
+            f"{what}.scaling: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs = {need_cpu:g} CPUs, "
+            f"but the Ray cluster has {total.get('CPU', 0):g}; lower {what}.scaling.num_workers or cpus_per_worker"
+        )
+    if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
+        raise ConfigError(f"{what}.scaling: {scaling.num_workers} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs")
+
+
+def _worker_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from .world import World
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    world = World(rank=ctx.get_world_rank(), local_rank=ctx.get_local_rank(), world_size=ctx.get_world_size(), node_rank=ctx.get_node_rank())
+    module = importlib.import_module(config["recipe"])
+    cls = getattr(importlib.import_module("ptft_dist.config"), config["config_class"])
+    cfg = from_dict(cls, config["cfg"])
+
+    def report(directory: str, metrics: dict) -> None:
+        # Collective: every rank reports its own part; Ray Train merges them.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        module.run(cfg, world, on_checkpoint=report)
+        return
+    with ckpt.as_directory() as resume_dir:
+        module.run(cfg, world, resume_dir=resume_dir, on_checkpoint=report)
+
+
+def fit(recipe: str, cfg: Any, *, name: str) -> Any:
+    """Run ``ptft_dist.recipes.<recipe>.run`` on Ray Train workers; returns Ray's Result.
+
+    ``cfg`` has ``run_dir``, ``scaling`` and (optionally) ``checkpoint`` sections; paths in it
+    must be absolute, since workers do not share the driver's working directory.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
+    from ray.train.torch import TorchTrainer
+
+    check_resources(cfg.scaling, recipe)
+    keep = cfg.checkpoint.keep_last if hasattr(cfg, "checkpoint") else 1
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"recipe": f"ptft_dist.recipes.{recipe}", "config_class": type(cfg).__name__, "cfg": to_dict(cfg)},
+        scaling_config=RayScaling(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(cfg.run_dir, "ray").resolve()),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+        ),
+    )
+    return trainer.fit()

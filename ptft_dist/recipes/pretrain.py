@@ -1,0 +1,222 @@
+"""Masked-LM pretraining, read top to bottom.
+
+Features:
+    - any data-parallel world under DeepSpeed ZeRO 0-3 (CPU/gloo or GPU/NCCL)
+    - BERT or ModernBERT built from config, or continued from a local HF checkpoint
+    - packed shards streamed per rank; dynamic 80/10/10 masking, seeded per step and rank
+    - AdamW with weight-decay exclusions, warmup + linear/cosine decay, gradient clipping
+    - held-out MLM loss, masked-token accuracy and perplexity on fixed samples and masks
+    - checkpoints with every rank's ZeRO shard and data position, handed to ``on_checkpoint``
+    - an HF export (config, safetensors, tokenizer) gathered from every ZeRO stage
+
+The launcher (Ray, or a plain process group) builds the World and calls :func:`run` on every
+rank; this file imports no Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .. import checkpoint, engine as engine_lib, models
+from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps
+from ..data.build import DataError, load_tokenizer, read_manifest, tokenizer_sha256
+from ..data.stream import ShardStream, advance, mask_tokens, new_position, read_all
+from ..tracking import Tracker, write_summary
+from ..world import World, all_reduce_sum, barrier
+
+log = logging.getLogger(__name__)
+
+OnCheckpoint = Callable[[str, dict], None]
+
+
+def _collate(items):
+    slots, epochs, keys, ids = zip(*items)
+    return slots[0], list(epochs), list(keys), torch.from_numpy(np.stack(ids).astype("int64"))
+
+
+def _mlm_logits_and_labels(out_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels at masked positions, for dense heads ([B, T, V]) and masked-only
+    heads (ModernBERT's sparse prediction returns [num_masked, V])."""
+    flat = labels.reshape(-1)
+    picked = flat[flat != -100]
+    if out_logits.dim() == 2:
+        return out_logits, picked
+    return out_logits.reshape(-1, out_logits.size(-1))[flat != -100], picked
+
+
+@torch.no_grad()
+def evaluate(engine, eval_inputs: torch.Tensor, eval_labels: torch.Tensor, micro_batch: int, world: World) -> dict[str, float]:
+    """Held-out MLM loss, masked-token accuracy and perplexity. Collective: every rank runs
+    the same number of forwards (ZeRO-3 forwards gather parameters from all ranks)."""
+    engine.module.eval()
+    num_batches = math.ceil(len(eval_inputs) / micro_batch)
+    rounds = math.ceil(num_batches / world.world_size)
+    loss_sum = correct = count = 0.0
+    for r in range(rounds):
+        b = r * world.world_size + world.rank
+        real = b < num_batches
+        sl = slice(b * micro_batch, (b + 1) * micro_batch) if real else slice(0, micro_batch)
+        out = engine(input_ids=eval_inputs[sl].to(engine.device), labels=eval_labels[sl].to(engine.device))
+        if not real:
+            continue  # this rank only took part in the collective forward
+        logits, target = _mlm_logits_and_labels(out.logits.float(), eval_labels[sl].to(engine.device))
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count])
+    engine.module.train()
+    loss = loss_sum / max(count, 1)
+    return {"eval_mlm_loss": loss, "eval_mlm_accuracy": correct / max(count, 1), "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_checkpoint: OnCheckpoint | None = None) -> dict | None:
+    """Pretrain on every rank; returns the summary on rank 0 (None elsewhere).
+
+    ``on_checkpoint(directory, metrics)`` is called on every rank after each rank saved its
+    part of a checkpoint into ``directory`` (under Ray it calls ``ray.train.report``).
+    """
+    # 1. validate and set up the process group
+    cfg.check()
+    engine_lib.init_distributed(world, cfg.scaling)
+    torch.manual_seed(cfg.optim.seed)
+    run_dir = Path(cfg.run_dir)
+    dataset_dir = cfg.data.dataset_dir
+    if not dataset_dir:
+        raise DataError("pretrain.data.dataset_dir is not set: build a dataset with `ptft data build` first")
+    manifest = read_manifest(dataset_dir)
+    tokenizer = load_tokenizer(Path(dataset_dir, manifest["tokenizer"]["dir"]))
+    if tokenizer_sha256(Path(dataset_dir, "tokenizer")) != manifest["tokenizer"]["sha256"]:
+        raise DataError(f"{dataset_dir}: tokenizer/tokenizer.json does not match the hash in manifest.json")
+    seq_len = manifest["seq_len"]
+    special = manifest["tokenizer"]["special_ids"]
+    accum = grad_accum_steps(cfg.optim, cfg.scaling)
+
+    # 2. tracker (rank 0 writes)
+    tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain")
+    try:
+        # 3. model and engine
+        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling)
+        hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=special)
+        if hf_config.vocab_size < manifest["vocab_size"]:
+            raise DataError(f"model vocab_size {hf_config.vocab_size} < dataset vocab_size {manifest['vocab_size']} ({dataset_dir})")
+        if seq_len > hf_config.max_position_embeddings:
+            raise DataError(f"dataset seq_len {seq_len} > model.max_position_embeddings {hf_config.max_position_embeddings}")
+        with engine_lib.model_init_context(ds):
+            model = models.build_mlm(cfg.model, hf_config)
+        engine = engine_lib.initialize(model, cfg.optim, ds)
+        if world.is_rank_zero:
+            log.info("%s: %s parameters; %s; ZeRO stage %d", type(model).__name__, f"{models.num_params(model):,}", batch_arithmetic(cfg.optim, cfg.scaling, seq_len), cfg.zero.stage)
+
+        # 4. resume
+        step, samples_seen = 0, 0
+        position = new_position(max(1, cfg.data.num_loader_workers))
+        if resume_dir:
+            state = checkpoint.load(engine, resume_dir, world)
+            step, samples_seen, position = state["step"], state["samples_seen"], state["data_position"]
+
+        # 5. data: this rank's stream, and the fixed held-out set with fixed masks
+        stream = ShardStream(dataset_dir, "train", rank=world.rank, world_size=world.world_size, seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer, position=copy.deepcopy(position))
+        loader = DataLoader(stream, batch_size=cfg.optim.micro_batch_size_per_rank, num_workers=cfg.data.num_loader_workers, collate_fn=_collate)
+        batches = iter(loader)
+        _, eval_ids = read_all(dataset_dir, "valid", limit=cfg.data.num_eval_samples)
+        mask_args = dict(mlm_probability=cfg.data.mlm_probability, mask_id=special["mask"], vocab_size=manifest["vocab_size"], special_ids=[special["cls"], special["sep"], special["pad"]])
+        eval_inputs, eval_labels = mask_tokens(torch.from_numpy(eval_ids.astype("int64")), generator=torch.Generator().manual_seed(cfg.optim.seed + 1_000_003), **mask_args)
+
+        # 6. the loop
+        tokens_per_step = cfg.optim.global_batch_size * seq_len
+        start_time = last_time = time.perf_counter()
+        last_step, loss_acc, loss_n = step, 0.0, 0
+        eval_metrics: dict[str, float] = {}
+        config_yaml = dump_yaml(cfg)
+
+        def save(tag_step: int, metrics: dict) -> None:
+            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+            if on_checkpoint is None:
+                checkpoint.save(engine, run_dir / "checkpoints" / f"step_{tag_step:08d}", world, train_state, config_yaml)
+                return
+            with tempfile.TemporaryDirectory(prefix="ptft-ckpt-") as tmp:
+                checkpoint.save(engine, tmp, world, train_state, config_yaml)
+                barrier()
+                on_checkpoint(tmp, metrics)
+
+        while step < cfg.optim.max_steps:
+            for micro in range(accum):
+                slot, epochs, _keys, ids = next(batches)
+                advance(position, slot, epochs)
+                # The mask of a micro batch depends only on (seed, rank, step, micro index):
+                # a resumed run draws the same masks without saving generator state.
+                gen = torch.Generator().manual_seed(((cfg.optim.seed * 1_000_003 + world.rank) * 1_000_003 + step) * 64 + micro)
+                inputs, labels = mask_tokens(ids, generator=gen, **mask_args)
+                out = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device))
+                engine.backward(out.loss)
+                engine.step()
+                loss_acc += out.loss.item()
+                loss_n += 1
+            step += 1
+            samples_seen += cfg.optim.global_batch_size
+            out_of_time = cfg.time_budget_s is not None and time.perf_counter() - start_time > cfg.time_budget_s
+            out_of_time = all_reduce_sum([float(out_of_time)])[0] > 0  # every rank stops together
+            last = step == cfg.optim.max_steps or out_of_time
+
+            if step % cfg.tracking.log_every_steps == 0 or last:
+                now = time.perf_counter()
+                mean_loss = all_reduce_sum([loss_acc, loss_n])
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {
+                    "train_loss": mean_loss[0] / max(mean_loss[1], 1),
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time),
+                    "samples_per_s": cfg.optim.global_batch_size * (step - last_step) / (now - last_time),
+                    "step_time_s": (now - last_time) / (step - last_step),
+                    "tokens_seen": samples_seen * seq_len,
+                    "epoch": max(e for e, _ in position["slots"]),
+                }
+                tracker.log(metrics, step)
+                if world.is_rank_zero:
+                    eta = (cfg.optim.max_steps - step) * metrics["step_time_s"]
+                    log.info("step %d/%d | loss %.3f | lr %.2e | %.0f tok/s | ETA %.0fs", step, cfg.optim.max_steps, metrics["train_loss"], metrics["lr"], metrics["tokens_per_s"], eta)
+                last_step, last_time, loss_acc, loss_n = step, now, 0.0, 0
+
+            if step % cfg.eval_every_steps == 0 or last:
+                eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
+                tracker.log(eval_metrics, step)
+                if world.is_rank_zero:
+                    log.info("step %d eval | mlm loss %.3f | masked-token accuracy %.3f", step, eval_metrics["eval_mlm_loss"], eval_metrics["eval_mlm_accuracy"])
+
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
+                save(step, {"step": step, **eval_metrics})
+            if out_of_time:
+                break
+
+        # 7. export the consolidated weights
+        train_time_s = time.perf_counter() - start_time
+        state_dict = engine_lib.full_state_dict(engine)
+        export_dir = run_dir / "export"
+        if world.is_rank_zero:
+            models.save_hf(engine.module, state_dict, tokenizer, export_dir)
+        barrier()
+        if not world.is_rank_zero:
+            return None
+        summary_metrics = dict(eval_metrics, steps=step, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
+        write_summary(run_dir, summary_metrics, {"hf_model": str(export_dir.resolve()), "dataset": str(Path(dataset_dir).resolve())})
+        return {"metrics": summary_metrics, "artifacts": {"hf_model": str(export_dir.resolve())}}
+    finally:
+        tracker.close()
+
+
+def _plain(cfg) -> dict:
+    from ..config import to_dict
+
+    return to_dict(cfg)

@@ -1,0 +1,74 @@
+"""The distributed layout of one process, read once from the environment, and rank helpers
+that work with or without a process group.
+
+torchrun and Ray Train set the same variables (RANK, LOCAL_RANK, WORLD_SIZE, ...), so one
+``World.from_env()`` serves every launcher. Nothing deep in the code calls
+``dist.get_rank()``: the recipe builds one World and passes it down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    node_rank: int = 0
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        env = os.environ
+        return cls(
+            rank=int(env.get("RANK", 0)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env.get("WORLD_SIZE", 1)),
+            node_rank=int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))),
+        )
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Collective: every rank must call it. A no-op without a process group."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over ranks (collective). Without a process group, returns them."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj):
+    """Gather one picklable object from every rank, in rank order (collective)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send ``obj`` from ``src`` to every rank (collective)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
