@@ -48,7 +48,9 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+        # Everything local listens on loopback only. The dashboard also hosts the state API
+        # that Ray Train's controller polls (without it, it logs a warning every few seconds).
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
     try:
         yield
     finally:

@@ -75,6 +75,7 @@ class Tracker:
 
 def write_summary(run_dir: str | Path, metrics: dict[str, Any], artifacts: dict[str, str]) -> Path:
     path = Path(run_dir, "summary.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"metrics": metrics, "artifacts": artifacts}, indent=1))
     os.replace(tmp, path)

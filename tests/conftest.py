@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny real dataset built from WikiText-2, and one local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """2,000 WikiText-2 documents -> WordPiece 1,000 -> 64-token samples in small shards."""
+    from ptft_dist.config import DataBuildConfig, TokenizerConfig
+    from ptft_dist.data.build import build
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    cfg = DataBuildConfig(max_documents=2000, seq_len=64, samples_per_shard=100, validation_fraction=0.05, tokenizer=TokenizerConfig(vocab_size=1000))
+    build(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster (2 CPUs) for every distributed test."""
+    from ptft_dist import launcher
+
+    with launcher.session(num_cpus=2):
+        yield

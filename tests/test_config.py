@@ -1,0 +1,127 @@
+import subprocess
+import sys
+
+import pytest
+
+from ptft_dist import config as C
+
+
+@pytest.mark.parametrize("preset", C.list_presets())
+def test_every_shipped_preset_loads_and_opens_with_its_launch_command(preset):
+    path = C.preset_path(preset)
+    head = path.read_text().splitlines()[:6]
+    assert head[0].startswith("#"), f"{preset} must open with a comment"
+    assert any(line.startswith("# Launch: ptft ") for line in head), f"{preset} must give its launch command"
+    command = next(line for line in head if line.startswith("# Launch: ptft ")).split()[3]
+    C.load({"data": "data", "pretrain": "pretrain", "finetune": "finetune", "pipeline": "pipeline"}[command], preset)
+
+
+def test_defaults_exist_for_every_command():
+    for command in C.COMMANDS:
+        cfg = C.load(command)
+        assert cfg.run_dir
+
+
+def test_unknown_key_names_the_field():
+    with pytest.raises(C.ConfigError, match=r"unknown field 'model\.hidden'"):
+        C.load("pretrain", overrides=["model.hidden=3"])
+
+
+def test_wrong_type_names_field_and_value():
+    with pytest.raises(C.ConfigError, match=r"optim\.lr must be a number, got 'fast'"):
+        C.load("pretrain", overrides=["optim.lr=fast"])
+    with pytest.raises(C.ConfigError, match=r"zero\.stage must be 0, 1, 2 or 3, got 5"):
+        C.load("pretrain", overrides=["zero.stage=5"])
+    with pytest.raises(C.ConfigError, match=r"model\.family must be one of"):
+        C.load("pretrain", overrides=["model.family=gpt"])
+
+
+def test_batch_arithmetic_is_validated_once_with_every_factor():
+    with pytest.raises(C.ConfigError) as e:
+        C.load("pretrain", overrides=["optim.global_batch_size=24", "optim.micro_batch_size_per_rank=8", "scaling.num_workers=2"])
+    msg = str(e.value)
+    assert "optim.global_batch_size=24" in msg and "micro_batch_size_per_rank=8" in msg and "num_workers=2" in msg
+    cfg = C.load("pretrain", overrides=["optim.global_batch_size=64", "optim.micro_batch_size_per_rank=8"])
+    assert C.grad_accum_steps(cfg.optim, cfg.scaling) == 4
+
+
+def test_pipeline_errors_name_the_nested_section():
+    with pytest.raises(C.ConfigError, match=r"pretrain\.optim\.global_batch_size=10"):
+        C.load("pipeline", overrides=["pretrain.optim.global_batch_size=10"])
+
+
+def test_overrides_parse_yaml_values_and_keep_section_defaults():
+    cfg = C.load("finetune", overrides=["optim.lr=3e-4", "peft.target_modules=[query, value]", "tracking.wandb=true"])
+    assert cfg.optim.lr == 3e-4
+    assert cfg.peft.target_modules == ["query", "value"]
+    assert cfg.tracking.wandb is True
+    # a section given partly keeps the command's own defaults for the rest
+    partial = C.from_dict(C.FinetuneConfig, {"optim": {"lr": 1e-4}})
+    assert partial.optim.max_steps == C.FinetuneConfig().optim.max_steps
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load("pretrain", str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load("pretrain", str(bad))
+
+
+def test_yaml_is_data_not_code(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("run_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(C.ConfigError):
+        C.load("pretrain", str(evil))
+
+
+def test_deepspeed_config_is_derived():
+    cfg = C.load("pretrain", overrides=["zero.stage=3", "optim.global_batch_size=64", "optim.micro_batch_size_per_rank=8"])
+    ds = C.deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=False)
+    assert ds["train_batch_size"] == 64
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    assert ds["bf16"]["enabled"] is False
+    assert C.deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=True)["bf16"]["enabled"] is True
+    with pytest.raises(C.ConfigError, match="offload_params needs zero.stage=3"):
+        C.load("pretrain", overrides=["zero.offload_params=true"])
+
+
+def test_every_field_is_documented():
+    for cls in C.COMMANDS.values():
+        for name, _, _, doc in C.field_docs(cls):
+            assert doc, f"{cls.__name__}.{name} has no doc"
+
+
+def _ptft(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ptft_dist.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_config_error_is_one_paragraph_and_starts_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _ptft("pretrain", "--run-dir", str(run_dir), "model.bogus=1")
+    assert proc.returncode == 2
+    assert "unknown field 'model.bogus'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_dry_run_prints_config_arithmetic_and_deepspeed_json():
+    proc = _ptft("pretrain", "--dry-run", "zero.stage=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "global batch 16 = 8 per rank x 1 accumulation x 2 workers" in proc.stdout
+    assert '"stage": 3' in proc.stdout
+    proc = _ptft("pipeline", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "# pretrain:" in proc.stdout and "# finetune:" in proc.stdout
+
+
+def test_config_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from ptft_dist.docgen import render
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    assert committed == render(), "docs/config.md is stale: run `python -m ptft_dist.docgen > docs/config.md`"
