@@ -1,15 +1,23 @@
 """Checkpoint layout: the DeepSpeed engine (every rank's ZeRO shard, under ``ds/``), one
-``train_state_rank<r>.json`` per rank (step, samples seen, data position, RNG seeds), and the
-resolved config. The launcher decides where the directory goes (under Ray: every rank
-reports its own directory and Ray Train merges them into one checkpoint).
+``train_state_rank<r>.json`` per rank (step, samples seen, data read position, tokenizer
+hash), one ``rng_rank<r>.pt`` per rank (torch, numpy and Python RNG states), and the resolved
+``config.yaml``. The launcher decides where the directory goes (under Ray: every rank reports
+its own directory and Ray Train merges them into one checkpoint).
+
+A checkpoint is complete when every rank's ``train_state_rank<r>.json`` is present: each rank
+writes that file last, after its engine shard.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from .world import World
 
@@ -19,30 +27,56 @@ TAG = "ds"
 VERSION = 1
 
 
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2]},
+        "python": repr(random.getstate()),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    version, internal, gauss = ast.literal_eval(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
 def save(engine, directory: str | Path, world: World, train_state: dict[str, Any], config_yaml: str) -> Path:
     """Write this rank's part of a checkpoint. Collective: every rank must call it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(out), tag=TAG, client_state={"version": VERSION})
-    state = dict(train_state, version=VERSION, world_size=world.world_size, rank=world.rank)
-    (out / f"train_state_rank{world.rank}.json").write_text(json.dumps(state))
+    torch.save(_rng_state(), out / f"rng_rank{world.rank}.pt")
     if world.is_rank_zero:
         (out / "config.yaml").write_text(config_yaml)
+    state = dict(train_state, version=VERSION, world_size=world.world_size, rank=world.rank)
+    tmp = out / f"train_state_rank{world.rank}.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(out / f"train_state_rank{world.rank}.json")  # last: marks this rank's part complete
     return out
 
 
+def read_state(directory: str | Path, rank: int = 0) -> dict[str, Any]:
+    path = Path(directory, f"train_state_rank{rank}.json")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {directory} has no {path.name}: it is incomplete or was written by fewer ranks")
+    return json.loads(path.read_text())
+
+
 def load(engine, directory: str | Path, world: World) -> dict[str, Any]:
-    """Restore the engine and return this rank's train state. Collective.
+    """Restore the engine and RNG states; return this rank's train state. Collective.
 
     Raises:
-        ValueError: the checkpoint was written by a different world size (resuming on another
-            world size is not supported yet: restart from the exported model instead).
+        ValueError: an incomplete checkpoint, another format version, or another world size
+            (resuming on a different world size is refused: start a new run from an export
+            with ``model.init_from``).
     """
     path = Path(directory)
-    state_file = path / f"train_state_rank{world.rank}.json"
-    if not state_file.is_file():
-        raise ValueError(f"checkpoint {path} has no {state_file.name}: it was written by fewer ranks or is incomplete")
-    state = json.loads(state_file.read_text())
+    state = read_state(path, world.rank)
     if state.get("version") != VERSION:
         raise ValueError(f"checkpoint {path}: version {state.get('version')!r}, this ptft-dist reads version {VERSION}")
     if state["world_size"] != world.world_size:
@@ -51,5 +85,38 @@ def load(engine, directory: str | Path, world: World) -> dict[str, Any]:
             "resume with the same scaling.num_workers, or start a new run from an export (model.init_from)"
         )
     engine.load_checkpoint(str(path), tag=TAG)
+    rng = path / f"rng_rank{world.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
     log.info("resumed from %s at step %d", path, state["step"])
     return state
+
+
+def consolidated_state_dict(directory: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, in one process, without a process group.
+
+    Stage 0 keeps the whole module in ``mp_rank_00_model_states.pt`` (read with
+    ``weights_only=True``); stages 1-3 are merged from every rank's shard by DeepSpeed's
+    ``zero_to_fp32``, which unpickles DeepSpeed's own files: only export checkpoints you trust.
+    """
+    path = Path(directory)
+    if not (path / TAG).is_dir():
+        raise ValueError(f"{path} is not a ptft-dist checkpoint (no {TAG}/ folder)")
+    if zero_stage == 0:
+        states = torch.load(path / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (a Ray Train run folder, or a folder of
+    checkpoints); incomplete ones (a rank's train state missing) are skipped."""
+    candidates = []
+    for ckpt in Path(root).rglob("train_state_rank0.json"):
+        folder = ckpt.parent
+        state = json.loads(ckpt.read_text())
+        if all((folder / f"train_state_rank{r}.json").is_file() for r in range(state["world_size"])):
+            candidates.append((state["step"], folder.stat().st_mtime, folder))
+    return max(candidates)[2] if candidates else None

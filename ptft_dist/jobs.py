@@ -98,14 +98,43 @@ def finetune(cfg: FinetuneConfig, *, address: str | None = None) -> dict:
     return _read_summary(cfg.run_dir, "finetuning", result)
 
 
+def export(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
+    """``ptft export``: an HF directory from any pretraining checkpoint (or a run directory,
+    whose newest complete checkpoint is used), in this process, without Ray."""
+    import yaml
+
+    from . import checkpoint, models
+    from .config import from_dict
+    from .data.build import load_tokenizer, read_manifest
+
+    source = Path(checkpoint_dir)
+    ckpt = source if (source / "train_state_rank0.json").is_file() else checkpoint.latest(source)
+    if ckpt is None:
+        raise ValueError(f"{source} holds no complete ptft-dist checkpoint (no train_state_rank0.json below it)")
+    cfg = from_dict(PretrainConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
+    manifest = read_manifest(cfg.data.dataset_dir)
+    hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=manifest["tokenizer"]["special_ids"])
+    model = models.build_mlm(cfg.model, hf_config)
+    state = checkpoint.consolidated_state_dict(ckpt, cfg.zero.stage)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "decoder" not in k]:  # tied decoder weights may be absent
+        raise ValueError(f"checkpoint {ckpt} does not match its config.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = load_tokenizer(Path(cfg.data.dataset_dir, manifest["tokenizer"]["dir"]))
+    models.save_hf(model, model.state_dict(), tokenizer, out_dir)
+    step = checkpoint.read_state(ckpt)["step"]
+    log.info("exported %s (step %d) to %s", ckpt, step, out_dir)
+    return {"metrics": {"step": step}, "artifacts": {"hf_model": str(Path(out_dir).resolve()), "checkpoint": str(ckpt)}}
+
+
 def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
     """``ptft pipeline``: data build -> pretrain -> finetune, in one Ray session."""
     from . import launcher
 
     root = Path(_abs(cfg.run_dir))
     data_dir = root / "data"
-    pre = dataclasses.replace(cfg.pretrain, run_dir=str(root / "pretrain"), data=dataclasses.replace(cfg.pretrain.data, dataset_dir=str(data_dir)))
-    fin = dataclasses.replace(cfg.finetune, run_dir=str(root / "finetune"), base_model=str(root / "pretrain" / "export"))
+    group = cfg.pretrain.tracking.group or root.name  # one W&B group: finetuning shown with its pretraining
+    pre = dataclasses.replace(cfg.pretrain, run_dir=str(root / "pretrain"), data=dataclasses.replace(cfg.pretrain.data, dataset_dir=str(data_dir)), tracking=dataclasses.replace(cfg.pretrain.tracking, group=group))
+    fin = dataclasses.replace(cfg.finetune, run_dir=str(root / "finetune"), base_model=str(root / "pretrain" / "export"), tracking=dataclasses.replace(cfg.finetune.tracking, group=cfg.finetune.tracking.group or group))
     cfg = dataclasses.replace(cfg, run_dir=str(root), pretrain=pre, finetune=fin)
     prepare_run_dir(root, cfg)
     # Check the labeled data before spending minutes on pretraining.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,13 +24,26 @@ log = logging.getLogger(__name__)
 PASS_ENV = ("TORCH_EXTENSIONS_DIR", "PYTHONWARNINGS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_DIR", "HF_HOME", "DS_ACCELERATOR")
 
 
+def _job_env_keys() -> set[str]:
+    """Variables the enclosing Ray job's runtime_env already sets (under ``ray job submit``).
+
+    Ray refuses a ``ray.init`` runtime_env that sets any of them again ("Failed to merge the
+    Job's runtime env"); the job's values already reach every worker.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
 def _env_vars(use_gpu: bool) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
+    taken = _job_env_keys()
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 @contextlib.contextmanager
@@ -74,6 +88,7 @@ def check_resources(scaling: ScalingConfig, what: str) -> None:
 
 def _worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
 
     from .world import World
@@ -83,6 +98,9 @@ def _worker_loop(config: dict) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     world = World(rank=ctx.get_world_rank(), local_rank=ctx.get_local_rank(), world_size=ctx.get_world_size(), node_rank=ctx.get_node_rank())
+    # Where each rank landed. Ray numbers nodes by IP, so node_rank alone cannot tell two
+    # Ray nodes on one host apart; the node id can.
+    log.info("rank %d/%d on Ray node %s (node_rank %d, local_rank %d)", world.rank, world.world_size, ray.get_runtime_context().get_node_id(), world.node_rank, world.local_rank)
     module = importlib.import_module(config["recipe"])
     cls = getattr(importlib.import_module("ptft_dist.config"), config["config_class"])
     cfg = from_dict(cls, config["cfg"])
@@ -105,6 +123,7 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
     ``cfg`` has ``run_dir``, ``scaling`` and (optionally) ``checkpoint`` sections; paths in it
     must be absolute, since workers do not share the driver's working directory.
     """
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
@@ -127,4 +146,19 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"{recipe} failed on the workers: {_root_cause(str(e))}") from e
+
+
+class TrainingError(RuntimeError):
+    """A run failed on its workers; the message carries the workers' own error line."""
+
+
+def _root_cause(text: str) -> str:
+    """The last 'SomeError: message' line of a worker traceback snippet."""
+    import re
+
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[A-Za-z_.]*(Error|Exception)\b.*:", ln)]
+    return lines[-1] if lines else text.strip().splitlines()[-1]

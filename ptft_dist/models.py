@@ -10,33 +10,37 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
     BertConfig,
     ModernBertConfig,
     PretrainedConfig,
+    RobertaConfig,
 )
+from transformers.modeling_outputs import MaskedLMOutput
 
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 #: Modules that make up the classification head of each family; they always train.
-HEAD_MODULES = {"bert": ["pooler", "classifier"], "modernbert": ["head", "classifier"]}
+HEAD_MODULES = {"bert": ["pooler", "classifier"], "roberta": ["classifier"], "modernbert": ["head", "classifier"]}
 #: Linear layers of the encoder that get LoRA adapters by default.
 LORA_TARGETS = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "modernbert": ["Wqkv", "Wo", "Wi"],
 }
+#: Attribute holding the MLM head of the families whose head transformers runs densely.
+MLM_HEAD = {"bert": "cls", "roberta": "lm_head"}
 
 
 def family_of(hf_config: PretrainedConfig) -> str:
     kind = hf_config.model_type
-    if kind == "modernbert":
-        return "modernbert"
-    if kind in ("bert", "roberta"):
-        return "bert"
+    if kind in ("modernbert", "bert", "roberta"):
+        return kind
     raise ValueError(f"model type {kind!r} is not supported; supported: bert, roberta, modernbert")
 
 
@@ -55,6 +59,10 @@ def mlm_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int]
     )
     if cfg.family == "bert":
         return BertConfig(**common, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    if cfg.family == "roberta":
+        # RoBERTa numbers positions from pad_token_id + 1, so it needs two extra slots.
+        common["max_position_embeddings"] += 2
+        return RobertaConfig(**common, bos_token_id=special_ids["cls"], eos_token_id=special_ids["sep"], hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     return ModernBertConfig(
         **common,
         cls_token_id=special_ids["cls"],
@@ -73,10 +81,55 @@ def mlm_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int]
 
 
 def build_mlm(cfg: ModelConfig, hf_config: PretrainedConfig) -> torch.nn.Module:
-    """A masked-LM model, freshly initialised, or loaded from ``cfg.init_from``."""
+    """A masked-LM model, freshly initialised, or loaded from ``cfg.init_from``, that runs
+    its prediction head only at masked positions (see :class:`MaskedOnlyMLM`)."""
     if cfg.init_from:
-        return AutoModelForMaskedLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
-    return AutoModelForMaskedLM.from_config(hf_config, attn_implementation="sdpa")
+        model = AutoModelForMaskedLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
+    else:
+        model = AutoModelForMaskedLM.from_config(hf_config, attn_implementation="sdpa")
+    if model.config.model_type in MLM_HEAD:
+        return MaskedOnlyMLM(model)
+    return model  # ModernBERT: sparse_prediction does the same inside transformers
+
+
+class MaskedOnlyMLM(torch.nn.Module):
+    """Runs the encoder of a BERT/RoBERTa masked LM, then its head only at the positions with
+    a label (~15-30% of tokens): the vocabulary projection is the largest matmul of a small
+    model, so this saves most of the head's compute and memory. Weights are those of the
+    wrapped model (``.mlm``); exports unwrap it."""
+
+    def __init__(self, mlm: torch.nn.Module):
+        super().__init__()
+        self.mlm = mlm
+        self.config = mlm.config
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
+        encoder = getattr(self.mlm, self.mlm.base_model_prefix)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        flat = labels.reshape(-1)
+        picked = flat != -100
+        logits = getattr(self.mlm, MLM_HEAD[self.config.model_type])(hidden.reshape(-1, hidden.size(-1))[picked])
+        return MaskedLMOutput(loss=F.cross_entropy(logits.float(), flat[picked]), logits=logits)
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The transformers model inside, and the prefix its parameter names carry outside."""
+    if isinstance(model, MaskedOnlyMLM):
+        return model.mlm, "mlm."
+    return model, ""
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int, mask_fraction: float) -> float:
+    """Training FLOPs per input token (forward + backward = 3x forward), PaLM-style:
+    6 x non-embedding parameters of the encoder (2 per multiply-add, x3 for backward)
+    + 12 x layers x hidden x seq_len for the attention scores and weighted sum
+    + 6 x hidden x vocab x mask_fraction for the MLM projection, run at masked positions only.
+    """
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    inter = config.intermediate_size
+    glu = 2 if config.model_type == "modernbert" else 1  # GeGLU's input projection is doubled
+    per_layer = 4 * h * h + (glu + 1) * h * inter
+    return 6.0 * n_layers * per_layer + 12.0 * n_layers * h * seq_len + 6.0 * h * config.vocab_size * mask_fraction
 
 
 def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -93,7 +146,8 @@ def save_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokeniz
     """Write an HF directory (config, safetensors weights, tokenizer). Rank 0 only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    model, prefix = unwrap(model)
+    state_dict = {k.removeprefix(prefix): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -56,6 +56,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise max of a few floats over ranks (collective)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def all_gather_object(obj):
     """Gather one picklable object from every rank, in rank order (collective)."""
     if not is_distributed():

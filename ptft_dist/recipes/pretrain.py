@@ -33,7 +33,7 @@ from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_ste
 from ..data.build import DataError, load_tokenizer, read_manifest, tokenizer_sha256
 from ..data.stream import ShardStream, advance, mask_tokens, new_position, read_all
 from ..tracking import Tracker, write_summary
-from ..world import World, all_reduce_sum, barrier
+from ..world import World, all_reduce_max, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
 
         # 6. the loop
         tokens_per_step = cfg.optim.global_batch_size * seq_len
-        start_time = last_time = time.perf_counter()
+        flops_per_token = models.flops_per_token(hf_config, seq_len, cfg.data.mlm_probability)
+        peak_tflops = engine_lib.peak_tflops(cfg.scaling, cfg.peak_tflops_per_rank)
+        start_time = last_time = last_save = time.perf_counter()
+        start_step, paused = step, False
         last_step, loss_acc, loss_n = step, 0.0, 0
         eval_metrics: dict[str, float] = {}
         config_yaml = dump_yaml(cfg)
@@ -165,24 +168,35 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 loss_n += 1
             step += 1
             samples_seen += cfg.optim.global_batch_size
-            out_of_time = cfg.time_budget_s is not None and time.perf_counter() - start_time > cfg.time_budget_s
-            out_of_time = all_reduce_sum([float(out_of_time)])[0] > 0  # every rank stops together
-            last = step == cfg.optim.max_steps or out_of_time
+            # Clock-based decisions are rank 0's, shared in one small all-reduce so that every
+            # rank stops and saves at the same step.
+            now = time.perf_counter()
+            out_of_time = cfg.time_budget_s is not None and now - start_time > cfg.time_budget_s
+            save_due = cfg.checkpoint.every_minutes > 0 and now - last_save > 60 * cfg.checkpoint.every_minutes
+            flags = all_reduce_sum([float(out_of_time and world.is_rank_zero), float(save_due and world.is_rank_zero)])
+            out_of_time, save_due = flags[0] > 0, flags[1] > 0
+            # stop_at_step pauses a run that started before it; the resumed run goes on
+            paused = cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps
+            last = step == cfg.optim.max_steps or out_of_time or paused
 
             if step % cfg.tracking.log_every_steps == 0 or last:
                 now = time.perf_counter()
                 mean_loss = all_reduce_sum([loss_acc, loss_n])
                 grad_norm = engine.get_global_grad_norm()
+                tokens_per_s = tokens_per_step * (step - last_step) / (now - last_time)
                 metrics = {
                     "train_loss": mean_loss[0] / max(mean_loss[1], 1),
                     "lr": engine.get_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time),
+                    "tokens_per_s": tokens_per_s,
                     "samples_per_s": cfg.optim.global_batch_size * (step - last_step) / (now - last_time),
                     "step_time_s": (now - last_time) / (step - last_step),
                     "tokens_seen": samples_seen * seq_len,
                     "epoch": max(e for e, _ in position["slots"]),
+                    "peak_memory_mb": all_reduce_max([engine_lib.peak_memory_mb(cfg.scaling)])[0],
                 }
+                if peak_tflops:
+                    metrics["mfu"] = tokens_per_s * flops_per_token / (peak_tflops * 1e12 * world.world_size)
                 tracker.log(metrics, step)
                 if world.is_rank_zero:
                     eta = (cfg.optim.max_steps - step) * metrics["step_time_s"]
@@ -195,13 +209,24 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 if world.is_rank_zero:
                     log.info("step %d eval | mlm loss %.3f | masked-token accuracy %.3f", step, eval_metrics["eval_mlm_loss"], eval_metrics["eval_mlm_accuracy"])
 
-            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or save_due or last:
+                if world.is_rank_zero and not last:
+                    log.info("step %d: writing a checkpoint", step)
                 save(step, {"step": step, **eval_metrics})
-            if out_of_time:
+                last_save = time.perf_counter()
+            if out_of_time or paused:
                 break
 
-        # 7. export the consolidated weights
         train_time_s = time.perf_counter() - start_time
+        if not eval_metrics:  # resumed a finished run: measure the model as it is
+            eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
+        if paused:
+            if world.is_rank_zero:
+                log.info("stopped at step %d of %d (stop_at_step); run again with the same run dir to resume", step, cfg.optim.max_steps)
+                write_summary(run_dir, dict(eval_metrics, steps=step, completed=False), {"checkpoints": str((run_dir / "ray").resolve())})
+            return None
+
+        # 7. export the consolidated weights
         state_dict = engine_lib.full_state_dict(engine)
         export_dir = run_dir / "export"
         if world.is_rank_zero:
@@ -209,7 +234,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         barrier()
         if not world.is_rank_zero:
             return None
-        summary_metrics = dict(eval_metrics, steps=step, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
+        summary_metrics = dict(eval_metrics, steps=step, completed=True, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
         write_summary(run_dir, summary_metrics, {"hf_model": str(export_dir.resolve()), "dataset": str(Path(dataset_dir).resolve())})
         return {"metrics": summary_metrics, "artifacts": {"hf_model": str(export_dir.resolve())}}
     finally:

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from ptft_dist import models
+from ptft_dist.config import ModelConfig
+
+SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_masked_only_head_equals_the_dense_head(family):
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = models.build_mlm(cfg, models.mlm_config(cfg, vocab_size=100, special_ids=SPECIAL)).eval()
+    assert isinstance(model, models.MaskedOnlyMLM)
+    ids = torch.randint(5, 100, (3, 16))
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    labels[1, 7] = ids[1, 7]
+    sparse = model(input_ids=ids, labels=labels)
+    dense = model.mlm(input_ids=ids, labels=labels)
+    assert sparse.logits.shape == (4, 100)
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.logits, dense.logits[labels != -100])
+    inner, prefix = models.unwrap(model)
+    assert inner is model.mlm and prefix == "mlm."
+
+
+def test_flops_per_token_counts_the_encoder():
+    cfg = ModelConfig(family="bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
+    hf = models.mlm_config(cfg, vocab_size=30522, special_ids=SPECIAL)
+    flops = models.flops_per_token(hf, seq_len=128, mask_fraction=0.15)
+    # BERT-base: 85M non-embedding parameters -> ~6 x 85M = 510M, plus attention and head
+    assert 5.1e8 < flops < 5.6e8

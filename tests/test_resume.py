@@ -1,0 +1,69 @@
+"""Checkpoints, exact resume and export from checkpoints, through Ray Train."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptft_dist import config as C
+from ptft_dist import jobs
+from ptft_dist.tracking import read_metrics
+
+pytestmark = pytest.mark.dist
+
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "optim.lr=3e-3", "optim.warmup_steps=3"]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_dataset, ray_session, stage):
+    common = [f"zero.stage={stage}", "optim.max_steps=10", "tracking.log_every_steps=1", "eval_every_steps=100", f"data.dataset_dir={tiny_dataset}", *TINY]
+    straight = C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={tmp_path / 'straight'}"])
+    jobs.pretrain(straight)
+
+    paused = C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=4", f"run_dir={tmp_path / 'paused'}"])
+    first = jobs.pretrain(paused)
+    assert first["metrics"]["completed"] is False and first["metrics"]["steps"] == 4
+    second = jobs.pretrain(paused)  # the same command again: resumes from the step-4 checkpoint
+    assert second["metrics"]["completed"] is True and second["metrics"]["steps"] == 10
+
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "paused")
+    assert sorted(b) == list(range(1, 11)), "the resumed run logs steps 5..10 after 1..4"
+    for step in range(1, 11):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    # the final weights agree too
+    wa = _state(tmp_path / "straight" / "export")
+    wb = _state(tmp_path / "paused" / "export")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def _state(export):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(export) / "model.safetensors"))
+
+
+def test_resume_on_another_world_size_is_refused(tmp_path, tiny_dataset, ray_session):
+    common = ["optim.max_steps=6", "eval_every_steps=100", f"data.dataset_dir={tiny_dataset}", f"run_dir={tmp_path / 'r'}", *TINY]
+    jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=2"]))
+    one = C.load("pretrain", "pretrain_tiny", [*common, "scaling.num_workers=1", "optim.global_batch_size=8"])
+    with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1"):
+        jobs.pretrain(one)
+
+
+def test_export_command_from_a_zero3_checkpoint_equals_the_gathered_export(tmp_path, tiny_dataset, ray_session):
+    cfg = C.load("pretrain", "pretrain_tiny", ["zero.stage=3", "optim.max_steps=4", "eval_every_steps=100", f"data.dataset_dir={tiny_dataset}", f"run_dir={tmp_path / 'z3'}", *TINY])
+    summary = jobs.pretrain(cfg)
+    out = jobs.export(tmp_path / "z3", tmp_path / "offline")
+    assert out["metrics"]["step"] == 4
+    gathered, offline = _state(summary["artifacts"]["hf_model"]), _state(tmp_path / "offline")
+    assert gathered.keys() == offline.keys()
+    for k in gathered:
+        assert gathered[k].numel() > 0
+        torch.testing.assert_close(gathered[k], offline[k], atol=0, rtol=0)
+    assert json.loads((tmp_path / "offline" / "config.json").read_text())["model_type"] == "modernbert"
