@@ -1,0 +1,50 @@
+"""Two Ray nodes (ray.cluster_utils.Cluster, 1 CPU each): STRICT_SPREAD from the config puts
+the 2 training workers on different nodes, and the run completes.
+
+The cluster lives in a subprocess (tests/_multinode_pretrain.py) so that it never meets the
+test session's own Ray (conftest's ``ray_session``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.dist
+
+
+def test_strict_spread_puts_the_two_workers_on_different_nodes(tmp_path):
+    # A private Ray temp dir, short enough for Ray's socket paths: Cluster records its
+    # address there, where no other ray.init() on this machine looks.
+    ray_tmp = tempfile.mkdtemp(prefix="ptft-mn-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0")  # keep every worker's start-up line
+    env.pop("RAY_ADDRESS", None)
+    try:
+        r = subprocess.run([sys.executable, ROOT / "tests" / "_multinode_pretrain.py", tmp_path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"exit {r.returncode}\n{out[-8000:]}"
+    result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+
+    # Where the ranks ran, from each worker's own start-up line (Ray's node id, not node_rank:
+    # Ray numbers nodes by IP, and both nodes here share one).
+    placed = dict(re.findall(r"rank (\d+)/2 on Ray node ([0-9a-f]+)", out))
+    assert set(placed) == {"0", "1"}, out[-4000:]
+    assert placed["0"] != placed["1"], f"both workers ran on node {placed['0']}"
+    assert set(placed.values()) == set(result["nodes"]), (placed, result["nodes"])
+
+    summary = result["summary"]
+    assert summary["metrics"]["completed"] is True and summary["metrics"]["steps"] == 4
+    assert (Path(summary["artifacts"]["hf_model"]) / "model.safetensors").is_file()
+    assert (tmp_path / "pretrain" / "summary.json").is_file()
