@@ -257,8 +257,8 @@ class ShardReader:
         url = self.url(shard)
         if name.startswith(key + "."):
             return SampleError(f"shard {url}: sample {key!r} has no 'ids' field (its member is {name!r})")
-        if not name:
-            return SampleError(f"shard {url}: member {member} (sample {key!r}) has an empty or corrupt tar header")
+        if not name or not name.isprintable():
+            return SampleError(f"shard {url}: member {member} (sample {key!r}) has a corrupt tar header (name field {raw[:16]!r}...)")
         return SampleError(f"shard {url}: member {member} is {name!r} where manifest.json expects sample {key!r}: the shard does not match the manifest")
 
 
