@@ -303,7 +303,7 @@ def _bars(title: str, ylabel: str, groups: list[str], runs: list[Run], values: l
         ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
     ax.set_xticks(x, groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
     ax.set_ylim(0, 1.08)
-    ax.set_title(title)
+    ax.set_title(title if len(runs) > 1 else f"{title}: {runs[0].label}")
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     if len(runs) > 1:

@@ -107,7 +107,7 @@ def test_lora_finetune_saves_an_adapter_that_reloads_to_the_same_predictions(tmp
 
 
 def test_pipeline_runs_data_pretrain_finetune_in_one_session(tmp_path, ray_session):
-    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}"])
+    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}", "pretrain.tracking.wandb=true", "finetune.tracking.wandb=true"])
     summary = jobs.pipeline(cfg)
     assert summary["metrics"]["pretrain"]["steps"] == 20
     assert summary["metrics"]["finetune"]["num_test_examples"] == 500
@@ -116,3 +116,14 @@ def test_pipeline_runs_data_pretrain_finetune_in_one_session(tmp_path, ray_sessi
     for part in ("pretrain", "finetune"):
         assert (tmp_path / "pipe" / part / "config.yaml").is_file()
         assert (tmp_path / "pipe" / part / "metrics.jsonl").is_file()
+    # W&B (offline here): one run per job, written by rank 0, both in the pipeline's group
+    from test_tracking import finished_run, offline_runs, run_record
+
+    runs = {part: [run_record(finished_run(p)) for p in offline_runs(tmp_path / "pipe" / part)] for part in ("pretrain", "finetune")}
+    assert [(r.run_group, r.job_type, r.display_name) for part in runs for r in runs[part]] == [("pipe", "pretrain", "pipe-pretrain"), ("pipe", "finetune", "pipe-finetune")]
+    # the report of the real runs
+    from ptft_dist.report import make_report
+
+    made = make_report([tmp_path / "pipe"])
+    assert {"loss.png", "lr.png", "tokens_per_s.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png", "confusion_pipe_finetune.png"} <= {p.name for p in made["plots"]}
+    assert "test_accuracy" in made["html"].read_text()
