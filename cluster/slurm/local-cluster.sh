@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# A real single-node Slurm cluster on this machine, for CI and for trying the sbatch script.
+#
+#   cluster/slurm/local-cluster.sh install          # Debian/Ubuntu, as root: slurm-wlm + munge
+#   cluster/slurm/local-cluster.sh start STATE_DIR  # munged, slurmctld, slurmd; prints SLURM_CONF=...
+#   export SLURM_CONF=STATE_DIR/slurm.conf          # then sinfo, sbatch, squeue, scontrol work
+#   cluster/slurm/local-cluster.sh stop STATE_DIR   # stops those three daemons, by their pid files
+#
+# Everything is private to STATE_DIR: its own munge key and socket, free ports for slurmctld
+# and slurmd, state, spool, logs and pid files. Nothing under /etc is changed, no system
+# service is started, and a Slurm or munge already running on the machine is left alone.
+# The daemons run as root (SlurmUser=root): this is a test cluster, not a template for a
+# production slurm.conf.
+set -euo pipefail
+
+die() { echo "local-cluster.sh: $*" >&2; exit 1; }
+
+install_packages() {
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && command -v munged >/dev/null; then
+        echo "slurm and munge are already installed"
+        return 0
+    fi
+    [[ $(id -u) -eq 0 ]] || die "installing needs root (apt-get install slurm-wlm munge)"
+    command -v apt-get >/dev/null || die "no apt-get here: install Slurm (slurmctld, slurmd, sbatch) and munge by other means"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends slurm-wlm munge
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("0.0.0.0", 0)); print(s.getsockname()[1])'
+}
+
+start() {
+    local dir="$1"
+    for cmd in munged mungekey slurmctld slurmd sinfo; do
+        command -v "$cmd" >/dev/null || die "$cmd not found: run '$0 install' first (as root)"
+    done
+    [[ $(id -u) -eq 0 ]] || die "the daemons of this test cluster run as root"
+    [[ ! -e "$dir/slurm.conf" ]] || die "$dir/slurm.conf exists: a cluster from this state dir may be running; stop it first"
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd)"
+    # munged refuses a socket directory that is not searchable by all, or writable by others.
+    chmod 755 "$dir"
+    mkdir -p "$dir/munge" "$dir/state" "$dir/spool" "$dir/log"
+    chmod 755 "$dir/munge"
+    local sock="$dir/munge/munge.sock"
+    # unix socket paths are limited to 107 bytes
+    (( ${#sock} < 100 )) || die "state dir path too long for a unix socket ($sock); use a shorter one, e.g. under /tmp"
+
+    mungekey --create --keyfile="$dir/munge/munge.key"
+    chmod 600 "$dir/munge/munge.key"
+    munged --socket="$sock" --key-file="$dir/munge/munge.key" --pid-file="$dir/munge/munged.pid" \
+        --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
+    munge -S "$sock" -n | unmunge -S "$sock" >/dev/null || die "munged does not answer; see $dir/log/munged.log"
+
+    local node cpus mem
+    node="$(hostname -s)"
+    # This machine's own node line, e.g. "NodeName=vm CPUs=2 ... RealMemory=24105"
+    read -r cpus mem < <(slurmd -C | head -1 | sed -E 's/.*CPUs=([0-9]+).*RealMemory=([0-9]+).*/\1 \2/')
+    cat > "$dir/slurm.conf" <<EOF
+# Single-node test cluster written by cluster/slurm/local-cluster.sh
+ClusterName=ptftlocal
+SlurmctldHost=${node}(127.0.0.1)
+SlurmctldPort=$(free_port)
+SlurmdPort=$(free_port)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$sock
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+SchedulerType=sched/backfill
+# keep finished jobs visible to scontrol for 10 minutes (there is no accounting database)
+MinJobAge=600
+# seconds between SIGTERM and SIGKILL for a job step's processes (default 30)
+KillWait=10
+NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
+PartitionName=local Nodes=${node} Default=YES MaxTime=INFINITE State=UP
+EOF
+    export SLURM_CONF="$dir/slurm.conf"
+    slurmctld -f "$SLURM_CONF"
+    slurmd -f "$SLURM_CONF"
+    local state=""
+    for _ in $(seq 60); do
+        state="$(sinfo -h -N -n "$node" -o %t 2>/dev/null || true)"
+        [[ "$state" == idle* ]] && break
+        sleep 1
+    done
+    if [[ "$state" != idle* ]]; then
+        echo "--- slurmctld.log"; tail -20 "$dir/log/slurmctld.log" 2>/dev/null || true
+        echo "--- slurmd.log"; tail -20 "$dir/log/slurmd.log" 2>/dev/null || true
+        stop "$dir"
+        die "node $node did not become idle within 60 s (state: '${state:-none}')"
+    fi
+    echo "SLURM_CONF=$SLURM_CONF"
+}
+
+stop_pidfile() {
+    local name="$1" pidfile="$2" pid
+    [[ -f "$pidfile" ]] || return 0
+    pid="$(cat "$pidfile")"
+    # Only the process the pid file names, and only if it is still that daemon.
+    if [[ -n "$pid" ]] && grep -q "$name" "/proc/$pid/comm" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+stop() {
+    local dir="$1"
+    [[ -d "$dir" ]] || { echo "no $dir; nothing to stop"; return 0; }
+    stop_pidfile slurmd "$dir/slurmd.pid"
+    stop_pidfile slurmctld "$dir/slurmctld.pid"
+    stop_pidfile munged "$dir/munge/munged.pid"
+    rm -f "$dir/slurm.conf"
+    echo "stopped the Slurm test cluster in $dir"
+}
+
+case "${1:-}" in
+    install) install_packages ;;
+    start) [[ $# -eq 2 ]] || die "usage: $0 start STATE_DIR"; start "$2" ;;
+    stop) [[ $# -eq 2 ]] || die "usage: $0 stop STATE_DIR"; stop "$2" ;;
+    *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,130 @@
+"""cluster/slurm/ptft.sbatch on a real single-node Slurm: munged, slurmctld and slurmd started
+here by cluster/slurm/local-cluster.sh (installed with apt-get when missing and possible).
+
+Skipped, with the reason, only where Slurm cannot be installed (not root, no apt-get, no
+package mirror). Job state comes from squeue/scontrol (there is no accounting database), the
+exit code from the job's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_CLUSTER = ROOT / "cluster" / "slurm" / "local-cluster.sh"
+SUBMIT = ROOT / "launch" / "slurm-submit.sh"
+NEEDED = ("munged", "mungekey", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
+TINY = ["data.max_documents=1000", "pretrain.optim.max_steps=4", "pretrain.eval_every_steps=4", "finetune.optim.max_steps=4"]
+
+pytestmark = [pytest.mark.slurm, pytest.mark.dist]
+
+
+def _missing() -> list[str]:
+    return [c for c in NEEDED if not shutil.which(c)]
+
+
+def _ensure_slurm() -> str | None:
+    """None when Slurm is usable here (installing it if missing and possible), else why not."""
+    if not _missing():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"Slurm is not installed ({', '.join(_missing())} missing) and cannot be: installing needs root and apt-get (`cluster/slurm/local-cluster.sh install`)"
+    r = subprocess.run([str(LOCAL_CLUSTER), "install"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        return f"installing slurm-wlm and munge failed (exit {r.returncode}): {(r.stderr or r.stdout)[-600:]}"
+    return f"still missing after install: {', '.join(_missing())}" if _missing() else None
+
+
+def _env(slurm_conf: str | None = None) -> dict[str, str]:
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    if slurm_conf:
+        env["SLURM_CONF"] = slurm_conf
+    return env
+
+
+def _pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running single-node cluster; yields the environment (SLURM_CONF) for its clients."""
+    reason = _ensure_slurm()
+    if reason:
+        pytest.skip(reason)
+    # Short: munge's socket lives under it (unix socket paths have a 107-byte limit).
+    state = Path(tempfile.mkdtemp(prefix="ptft-slurm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    pidfiles = [state / "slurmctld.pid", state / "slurmd.pid", state / "munge" / "munged.pid"]
+    try:
+        r = subprocess.run([str(LOCAL_CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"local-cluster.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        yield _env(str(state / "slurm.conf"))
+    finally:
+        pids = [_pid_alive(p) for p in pidfiles]
+        subprocess.run([str(LOCAL_CLUSTER), "stop", str(state)], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        for pid in filter(None, pids):
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), f"daemon {pid} survived local-cluster.sh stop"
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _queued(env: dict) -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slurm_cluster, tmp_path):
+    env = slurm_cluster
+    run_dir = tmp_path / "run"
+    cpus = max(2, min(os.cpu_count() or 2, 4))
+    cmd = [str(SUBMIT), "--wait", "--nodes=1", f"--cpus-per-task={cpus}", "--time=30", f"--output={tmp_path}/ptft-%j.out", "--", "pipeline", "--config", "pipeline_tiny", "--run-dir", str(run_dir), *TINY]
+    start = time.monotonic()
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
+    elapsed_s = time.monotonic() - start
+    job = re.search(r"submitted Slurm job (\d+)", r.stdout)
+    assert job, f"not submitted:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    job_id = job.group(1)
+    output = (tmp_path / f"ptft-{job_id}.out").read_text(errors="replace")
+
+    # The job is gone from the queue, and slurmctld says it COMPLETED.
+    assert job_id not in _queued(env)
+    show = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "JobState=COMPLETED" in show, f"{show}\n--- job output\n{output[-6000:]}"
+    # The exit code, from the job's own output: its last word on ptft.
+    assert re.findall(r"^ptft exited with (\d+)$", output, re.M)[-1:] == ["0"], output[-6000:]
+    assert r.returncode == 0, r.stdout[-3000:]
+    # Ray came up over the allocation, and ptft ran on it as the driver.
+    assert "all 1 Ray node(s) joined" in output
+    assert "joining the Ray cluster at" in output
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metrics"]["pretrain"]["steps"] == 4
+    assert (Path(summary["artifacts"]["hf_model"]) / "model.safetensors").is_file()
+    assert list((run_dir / "finetune").rglob("adapter_config.json")), "finetuning exported no adapter"
+    # Teardown: no process of the job's Ray is left behind.
+    leftovers = subprocess.run(["pgrep", "-f", f"/tmp/ray-ptft-{job_id}/"], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"Ray processes of job {job_id} still running: {leftovers}"
+    print(f"slurm job {job_id}: submit -> COMPLETED in {elapsed_s:.0f} s")
+
+
+def test_submit_refuses_a_bad_command_without_queueing(slurm_cluster, tmp_path):
+    env = slurm_cluster
+    before = _queued(env)
+    r = subprocess.run([str(SUBMIT), "--nodes=1", "--", "pretrain", "--run-dir", str(tmp_path), "optim.max_stepz=4"], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert "max_stepz" in r.stderr and "not submitted" in r.stderr
+    assert _queued(env) == before
