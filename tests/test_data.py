@@ -172,11 +172,8 @@ def test_every_format_gives_the_same_shards(tmp_path, tiny_dataset, name):
     assert shards(_write(tmp_path / name, docs), "other") == reference
 
 
-def test_tokenizer_processes_do_not_change_the_shards(tmp_path, tiny_dataset, monkeypatch):
-    from ptft_dist.data import build as build_module
-
-    monkeypatch.setattr(build_module, "PROCESSES_AFTER_BATCHES", 1)  # batches 2 and 3 go to the processes
-    src = _write(tmp_path / "c.txt", _documents(3000))
+def test_tokenizer_processes_do_not_change_the_shards(tmp_path, tiny_dataset):
+    src = _write(tmp_path / "c.txt", _documents(3000))  # 3 batches: the last two go to the processes
     out = {}
     for num_proc in (0, 2):
         cfg = DataBuildConfig(inputs=[str(src)], seq_len=32, samples_per_shard=200, tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")), num_proc=num_proc)

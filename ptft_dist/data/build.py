@@ -190,7 +190,7 @@ def check_tokenizer(dataset_dir: str | os.PathLike, other_dir: str | os.PathLike
 
 
 _WORKER: dict = {}
-#: batches encoded in this process before the tokenizer processes take over
+#: where processes must be spawned: batches encoded in this process while they start
 PROCESSES_AFTER_BATCHES = 3
 
 
@@ -225,22 +225,40 @@ def _encode(texts: list[str], splits: list[str]) -> dict:
 class _Encoder:
     """Encodes batches in order with ``num_proc`` processes, at most a few batches in flight.
 
-    The first batches are encoded in this process while the tokenizer processes start, and
-    an input of one batch never starts them: start-up would cost more than it saves."""
+    The first batch is encoded in this process; only an input of more than one batch starts
+    the processes (start-up would cost more than it saves). They are forked where the
+    platform allows: a spawned process would re-import the caller's modules (torch, Ray...),
+    seconds per process. The fork happens with TOKENIZERS_PARALLELISM=false, so the children
+    run the tokenizer single-threaded (one process per core) and no thread pool is copied in
+    use."""
 
     def __init__(self, tokenizer_json: Path, sep_id: int, num_proc: int):
         self.num_proc, self.args = num_proc, (str(tokenizer_json), sep_id)
         self.pool = None
+        self.first_pooled = 1
         _init_encoder(str(tokenizer_json), sep_id, True)
+
+    def _start(self) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        if ctx.get_start_method() == "spawn":
+            self.first_pooled = PROCESSES_AFTER_BATCHES  # encode here while they start
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            self.pool = ctx.Pool(self.num_proc, initializer=_init_encoder, initargs=(*self.args, False))
+        finally:
+            if saved is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
 
     def map(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, dict]]:
         pending: collections.deque = collections.deque()
         for i, b in enumerate(batches):
             if self.num_proc and self.pool is None and i == 1:
-                # there is more than one batch: start the processes while this one encodes
-                ctx = multiprocessing.get_context("spawn")  # no forked copy of a threaded tokenizer
-                self.pool = ctx.Pool(self.num_proc, initializer=_init_encoder, initargs=(*self.args, False))
-            if self.pool is None or i < PROCESSES_AFTER_BATCHES:
+                self._start()
+            if self.pool is None or i < self.first_pooled:
                 yield b, _encode(b.texts, b.splits)
                 continue
             pending.append((b, self.pool.apply_async(_encode, (b.texts, b.splits))))
