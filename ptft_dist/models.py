@@ -33,6 +33,12 @@ LORA_TARGETS = {
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "modernbert": ["Wqkv", "Wo", "Wi"],
 }
+#: IA3 (target modules, of which feed-forward): keys, values and the feed-forward output.
+IA3_TARGETS = {
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "modernbert": (["Wqkv", "mlp.Wo"], ["mlp.Wo"]),
+}
 #: Attribute holding the MLM head of the families whose head transformers runs densely.
 MLM_HEAD = {"bert": "cls", "roberta": "lm_head"}
 

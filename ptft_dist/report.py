@@ -147,11 +147,17 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise ReportError(f"run directory {p} does not exist" if not p.exists() else f"{p} is not a directory")
-        children = sorted(c for c in p.iterdir() if (c / "metrics.jsonl").is_file()) if not (p / "metrics.jsonl").exists() else []
-        order = {"pretrain": 0, "finetune": 1}
-        children.sort(key=lambda c: (order.get(c.name, 2), c.name))
+        children: list[Path] = []
+        if not (p / "metrics.jsonl").exists():  # a pipeline: its runs, and its finetune jobs one level down
+            for c in sorted(d for d in p.iterdir() if d.is_dir()):
+                if (c / "metrics.jsonl").is_file():
+                    children.append(c)
+                elif c.name == "finetune":
+                    children += sorted(g for g in c.iterdir() if (g / "metrics.jsonl").is_file())
+        order = {"pretrain": 0}
+        children.sort(key=lambda c: (order.get(c.name, 1), str(c.relative_to(p))))
         if children:
-            found += [(c, f"{p.resolve().name}/{c.name}") for c in children]
+            found += [(c, f"{p.resolve().name}/{c.relative_to(p)}") for c in children]
         else:
             found.append((p, p.resolve().name))
     labels = [label for _, label in found]

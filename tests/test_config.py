@@ -115,7 +115,7 @@ def test_cli_dry_run_prints_config_arithmetic_and_deepspeed_json():
     assert '"stage": 3' in proc.stdout
     proc = _ptft("pipeline", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "# pretrain:" in proc.stdout and "# finetune:" in proc.stdout
+    assert "# pretrain:" in proc.stdout and "# finetune trec6:" in proc.stdout
 
 
 def test_config_reference_is_generated_from_the_schema():

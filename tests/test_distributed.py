@@ -75,55 +75,120 @@ def test_pretrain_bert_family(tmp_path, tiny_dataset, ray_session):
     assert AutoModelForMaskedLM.from_pretrained(summary["artifacts"]["hf_model"]).config.model_type == "bert"
 
 
-def _finetune(tmp_path, base, stage, method="lora"):
-    cfg = C.load("finetune", "finetune_tiny", [f"base_model={base}", f"zero.stage={stage}", f"peft.method={method}", "optim.max_steps=20", "task.max_length=24", f"run_dir={tmp_path / f'ft{stage}{method}'}"])
+def _finetune(tmp_path, base, stage, method="lora", extra=()):
+    cfg = C.load("finetune", "finetune_tiny", [f"base_model={base}", f"zero.stage={stage}", f"peft.method={method}", "optim.max_steps=20", "task.max_length=24", f"run_dir={tmp_path / f'ft{stage}{method}'}", *extra])
     return cfg, jobs.finetune(cfg)
+
+
+def _reload_predictions_match(summary, n=64, pair=False):
+    """The saved adapter/model, loaded fresh, predicts what the run wrote in predictions.csv."""
+    import csv
+
+    from ptft_dist.recipes.finetune import load_classifier
+
+    key = "adapter" if "adapter" in summary["artifacts"] else "model"
+    model, tok, names = load_classifier(summary["artifacts"][key])
+    rows = list(csv.DictReader(open(summary["artifacts"]["predictions"])))[:n]
+    with torch.no_grad():
+        enc = tok([r["text"] for r in rows], [r["text_pair"] for r in rows] if pair else None, truncation=True, max_length=24, padding=True, return_tensors="pt")
+        pred = model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits.argmax(-1).tolist()
+    assert [names[p] for p in pred] == [r["prediction"] for r in rows]
+    return model
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_finetune_saves_an_adapter_that_reloads_to_the_same_predictions(tmp_path, stage2_export, ray_session, stage):
-    import csv
-
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     _, pre = stage2_export
-    cfg, summary = _finetune(tmp_path, pre["artifacts"]["hf_model"], stage)
+    cfg, summary = _finetune(tmp_path, pre["artifacts"]["hf_model"], stage, extra=["export_merged=true"])
     m = summary["metrics"]
     assert m["num_test_examples"] == 500 and 0.0 <= m["test_accuracy"] <= 1.0 and "test_macro_f1" in m
     assert 0 < m["trainable_params"] < m["total_params"]
-    adapter = summary["artifacts"]["adapter"]
-    names = json.loads(open(f"{adapter}/labels.json").read())
-    base = AutoModelForSequenceClassification.from_pretrained(pre["artifacts"]["hf_model"], num_labels=len(names))
-    model = PeftModel.from_pretrained(base, adapter).eval()
+    model = _reload_predictions_match(summary)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n), "adapter must not be empty"
-    tok = AutoTokenizer.from_pretrained(adapter)
-    rows = list(csv.DictReader(open(summary["artifacts"]["predictions"])))[:64]
+    heads = [n for n, p in model.named_parameters() if "modules_to_save" in n]
+    assert any(".head." in n for n in heads) and any("classifier" in n for n in heads), "the classification head trains"
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(summary["artifacts"]["merged_model"]).eval()
+    tok_rows = ["what is the capital of france ?", "who wrote hamlet ?"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(summary["artifacts"]["merged_model"])
+    enc = tok(tok_rows, padding=True, return_tensors="pt")
     with torch.no_grad():
-        enc = tok([r["text"] for r in rows], truncation=True, max_length=24, padding=True, return_tensors="pt")
-        pred = model(**enc).logits.argmax(-1).tolist()
-    assert [names[p] for p in pred] == [r["prediction"] for r in rows]
+        torch.testing.assert_close(merged(**enc).logits, model(**enc).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_pipeline_runs_data_pretrain_finetune_in_one_session(tmp_path, ray_session):
-    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}", "pretrain.tracking.wandb=true", "finetune.tracking.wandb=true"])
+@pytest.mark.parametrize("method", ["ia3", "head", "full"])
+def test_other_methods_train_and_reload(tmp_path, stage2_export, ray_session, method):
+    _, pre = stage2_export
+    cfg, summary = _finetune(tmp_path, pre["artifacts"]["hf_model"], 2, method=method)
+    m = summary["metrics"]
+    if method == "full":
+        assert m["trainable_params"] == m["total_params"]
+    else:
+        assert 0 < m["trainable_params"] < m["total_params"] * 0.2
+    _reload_predictions_match(summary)
+
+
+def test_text_pair_task_with_validation_and_early_stopping(tmp_path, stage2_export, ray_session):
+    import csv
+    import random
+
+    rng = random.Random(0)
+    words = ["cat", "dog", "sun", "rain", "city", "river", "music", "stone", "bread", "glass"]
+    for name, n in (("train", 400), ("dev", 80), ("test", 80)):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["premise", "hypothesis", "label"])
+            for _ in range(n):
+                a = " ".join(rng.choice(words) for _ in range(5))
+                same = rng.random() < 0.5
+                b = a if same else " ".join(rng.choice(words) for _ in range(5))
+                w.writerow([a, b, "same" if same else "different"])
+    _, pre = stage2_export
+    extra = [f"task.train_file={tmp_path / 'train.csv'}", f"task.validation_file={tmp_path / 'dev.csv'}", f"task.test_file={tmp_path / 'test.csv'}",
+             "task.text_column=premise", "task.text_pair_column=hypothesis", "eval_every_steps=5", "early_stopping_patience=2", "metric=macro_f1", "optim.max_steps=40"]
+    cfg, summary = _finetune(tmp_path, pre["artifacts"]["hf_model"], 2, extra=extra)
+    m = summary["metrics"]
+    assert m["num_test_examples"] == 80
+    assert m["best_val_macro_f1"] is not None and 1 <= m["best_step"] <= m["steps"] <= 40
+    vals = [r for r in read_metrics(cfg.run_dir) if "val_macro_f1" in r]
+    assert vals and max(r["val_macro_f1"] for r in vals) == pytest.approx(m["best_val_macro_f1"])
+    _reload_predictions_match(summary, pair=True)
+
+
+def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
+    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}", f"finetune.1.task.train_file={tmp_path / 'no_such_file.csv'}"])
+    with pytest.raises(Exception, match="no_such_file.csv"):
+        jobs.pipeline(cfg)  # a bad job is refused before pretraining starts
+    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}", "pretrain.tracking.wandb=true", "finetune.0.tracking.wandb=true", "finetune.1.tracking.wandb=true"])
     summary = jobs.pipeline(cfg)
     assert summary["metrics"]["pretrain"]["steps"] == 20
-    assert summary["metrics"]["finetune"]["num_test_examples"] == 500
+    table = {row["job"]: row for row in summary["metrics"]["jobs"]}
+    assert set(table) == {"lora", "head"} and all(row["status"] == "ok" for row in table.values())
+    assert all(summary["metrics"]["finetune"][j]["num_test_examples"] == 500 for j in table)
+    a, b = table["lora"], table["head"]
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"], "the two jobs' run times overlap"
+    # their training loops overlapped too (read from their own metrics logs)
+    spans = {j: [r["time"] for r in read_metrics(tmp_path / "pipe" / "finetune" / j)] for j in table}
+    assert min(spans["lora"]) < max(spans["head"]) and min(spans["head"]) < max(spans["lora"])
     saved = json.loads((tmp_path / "pipe" / "summary.json").read_text())
-    assert saved["artifacts"]["adapter"].endswith("finetune/adapter")
-    for part in ("pretrain", "finetune"):
+    assert saved["artifacts"]["finetune"]["lora"]["adapter"].endswith("finetune/lora/adapter")
+    assert (tmp_path / "pipe" / "jobs.csv").read_text().count("\n") == 3
+    for part in ("pretrain", "finetune/lora", "finetune/head"):
         assert (tmp_path / "pipe" / part / "config.yaml").is_file()
         assert (tmp_path / "pipe" / part / "metrics.jsonl").is_file()
-    # W&B (offline here): one run per job, written by rank 0, both in the pipeline's group
+    # W&B (offline here): one run per job, written by rank 0, all in the pipeline's group
     from test_tracking import finished_run, offline_runs, run_record
 
-    runs = {part: [run_record(finished_run(p)) for p in offline_runs(tmp_path / "pipe" / part)] for part in ("pretrain", "finetune")}
-    assert [(r.run_group, r.job_type, r.display_name) for part in runs for r in runs[part]] == [("pipe", "pretrain", "pipe-pretrain"), ("pipe", "finetune", "pipe-finetune")]
+    runs = {part: [run_record(finished_run(p)) for p in offline_runs(tmp_path / "pipe" / part)] for part in ("pretrain", "finetune/lora", "finetune/head")}
+    assert [(r.run_group, r.job_type, r.display_name) for part in runs for r in runs[part]] == [("pipe", "pretrain", "pipe-pretrain"), ("pipe", "finetune", "pipe-lora"), ("pipe", "finetune", "pipe-head")]
     # the report of the real runs
     from ptft_dist.report import make_report
 
     made = make_report([tmp_path / "pipe"])
-    assert {"loss.png", "lr.png", "tokens_per_s.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png", "confusion_pipe_finetune.png"} <= {p.name for p in made["plots"]}
+    assert {"loss.png", "lr.png", "tokens_per_s.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png"} <= {p.name for p in made["plots"]}
+    assert any(p.name.startswith("confusion_") and "lora" in p.name for p in made["plots"])
     assert "test_accuracy" in made["html"].read_text()

@@ -25,12 +25,18 @@ def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_dataset, ra
     straight = C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={tmp_path / 'straight'}"])
     jobs.pretrain(straight)
 
-    paused = C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=4", f"run_dir={tmp_path / 'paused'}"])
+    paused = C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=4", f"run_dir={tmp_path / 'paused'}", f"tracking.wandb={stage == 2}"])
     first = jobs.pretrain(paused)
     assert first["metrics"]["completed"] is False and first["metrics"]["steps"] == 4
     second = jobs.pretrain(paused)  # the same command again: resumes from the step-4 checkpoint
     assert second["metrics"]["completed"] is True and second["metrics"]["steps"] == 10
 
+    if stage == 2:  # the resumed job continued its W&B run (offline here): one id, two parts
+        from test_tracking import finished_run, offline_runs, run_record
+
+        parts = offline_runs(tmp_path / "paused")
+        assert len(parts) == 2
+        assert len({run_record(finished_run(p)).run_id for p in parts}) == 1
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "paused")
     assert sorted(b) == list(range(1, 11)), "the resumed run logs steps 5..10 after 1..4"
     for step in range(1, 11):

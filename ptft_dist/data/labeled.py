@@ -41,6 +41,13 @@ def materialize_trec(out_dir: str | Path) -> tuple[Path, Path]:
 
 def _rows(path: Path):
     name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for batch_start, batch in _parquet_batches(pq.ParquetFile(path)):
+            for i, row in enumerate(batch.to_pylist()):
+                yield batch_start + i + 1, row
+        return
     if name.endswith(".jsonl"):
         with open(path, encoding="utf-8", errors="replace") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -51,7 +58,7 @@ def _rows(path: Path):
                         raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         return
     if not name.endswith((".csv", ".tsv")):
-        raise DataError(f"{path}: unsupported file type; use .csv, .tsv or .jsonl")
+        raise DataError(f"{path}: unsupported file type; use .csv, .tsv, .jsonl or .parquet")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     tsv = name.endswith(".tsv")
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
@@ -60,22 +67,34 @@ def _rows(path: Path):
             yield lineno, row
 
 
-def read_examples(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels (as strings) of one file; raises DataError naming file, line and column."""
+def _parquet_batches(pf):
+    start = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        yield start, batch
+        start += batch.num_rows
+
+
+def read_examples(path: str | Path, text_column: str, label_column: str, pair_column: str | None = None):
+    """Texts and labels (as strings) of one file, plus the second texts when ``pair_column``
+    is set: ``(texts, labels)`` or ``(texts, labels, pairs)``. Raises DataError naming the
+    file, line (or row) and column."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"task file {path} does not exist")
-    texts, labels = [], []
+    texts, labels, pairs = [], [], []
+    columns = (text_column, label_column) + ((pair_column,) if pair_column else ())
     for lineno, row in _rows(path):
-        for column in (text_column, label_column):
-            if column not in row or row[column] is None:
+        for column in columns:
+            if not isinstance(row, dict) or column not in row or row[column] is None:
                 have = ", ".join(repr(k) for k in row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno}: no column {column!r} (columns: {have}); set task.text_column / task.label_column")
+                raise DataError(f"{path}:{lineno}: no column {column!r} (columns: {have}); set task.text_column / task.text_pair_column / task.label_column")
         texts.append(str(row[text_column]))
         labels.append(str(row[label_column]).strip())
+        if pair_column:
+            pairs.append(str(row[pair_column]))
     if not texts:
         raise DataError(f"task file {path} holds no examples")
-    return texts, labels
+    return (texts, labels, pairs) if pair_column else (texts, labels)
 
 
 def label_order(labels: list[str]) -> list[str]:
@@ -93,15 +112,20 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
         train, test = materialize_trec(Path(run_dir) / "task")
         task = dataclasses.replace(task, train_file=str(train), test_file=str(test), text_column="text", label_column="label")
     train_file = Path(task.train_file).expanduser().resolve()
-    _, train_labels = read_examples(train_file, task.text_column, task.label_column)
+    train_labels = read_examples(train_file, task.text_column, task.label_column, task.text_pair_column)[1]
     known = set(train_labels)
     if len(known) < 2:
         raise DataError(f"{train_file}: column {task.label_column!r} has {len(known)} distinct label(s); classification needs at least 2")
-    test_file = None
-    if task.test_file:
-        test_file = Path(task.test_file).expanduser().resolve()
-        _, test_labels = read_examples(test_file, task.text_column, task.label_column)
-        unseen = sorted(set(test_labels) - known)
+    resolved = {}
+    for field_name in ("validation_file", "test_file"):
+        value = getattr(task, field_name)
+        if not value:
+            resolved[field_name] = None
+            continue
+        other = Path(value).expanduser().resolve()
+        labels = read_examples(other, task.text_column, task.label_column, task.text_pair_column)[1]
+        unseen = sorted(set(labels) - known)
         if unseen:
-            raise DataError(f"{test_file}: labels {unseen[:10]} in column {task.label_column!r} never occur in the training file {train_file}")
-    return dataclasses.replace(task, train_file=str(train_file), test_file=str(test_file) if test_file else None)
+            raise DataError(f"{other}: labels {unseen[:10]} in column {task.label_column!r} never occur in the training file {train_file}")
+        resolved[field_name] = str(other)
+    return dataclasses.replace(task, train_file=str(train_file), **resolved)

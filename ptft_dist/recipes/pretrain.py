@@ -103,7 +103,9 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     accum = grad_accum_steps(cfg.optim, cfg.scaling)
 
     # 2. tracker (rank 0 writes)
-    tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain")
+    # a resumed run continues its W&B run (rank 0 stored the id in the checkpoint)
+    resume_id = checkpoint.read_state(resume_dir).get("wandb_run_id") if resume_dir else None
+    tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=resume_id)
     try:
         # 3. model and engine
         ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling)
@@ -144,7 +146,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         config_yaml = dump_yaml(cfg)
 
         def save(tag_step: int, metrics: dict) -> None:
-            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "wandb_run_id": tracker.run_id}
             if on_checkpoint is None:
                 checkpoint.save(engine, run_dir / "checkpoints" / f"step_{tag_step:08d}", world, train_state, config_yaml)
                 return

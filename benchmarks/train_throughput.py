@@ -1,0 +1,274 @@
+"""Training throughput and ZeRO memory, side by side in one run.
+
+    python benchmarks/train_throughput.py [--steps 40] [--skip-memory]
+
+Same model (ModernBERT masked LM, hidden 256, 4 layers, seq 128, vocab 8192), same data
+(WikiText-2 shards built here), same global batch (32 x 128 tokens), same masking (30%):
+
+  (a) ptft pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2)  vs  a plain single-process
+      PyTorch AdamW loop (2 threads)  and  plain torch DDP with 2 processes (1 thread each);
+  (b) ptft  vs  HF Trainer + DataCollatorForLanguageModeling on the same samples;
+  (c) per-rank memory of model + gradients + optimizer (RSS growth from before the model is
+      built to after 2 steps) for ZeRO stages 0-3 on a ~50M-parameter model with 2 ranks,
+      against ZeRO's theory (bytes per parameter: 16, 4+4+8/N, 4+(4+8)/N, 16/N).
+
+Tokens/s count every input token of the steady-state steps (the first `--warmup` steps are
+excluded). Prints a table and, last, one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from ptft_dist import config as C  # noqa: E402
+from ptft_dist import jobs, models  # noqa: E402
+from ptft_dist.data.build import read_manifest  # noqa: E402
+from ptft_dist.data.stream import mask_tokens, read_all  # noqa: E402
+
+MODEL = dict(family="modernbert", hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
+GLOBAL_BATCH, SEQ_LEN, MLM_P = 32, 128, 0.3
+
+
+def build_dataset(work: Path) -> Path:
+    out = work / "data"
+    jobs.build_data(C.load("data", overrides=[f"data.output_dir={out}", "data.samples_per_shard=2048"]).data, work / "build")
+    return out
+
+
+def train_samples(dataset: Path, n: int) -> torch.Tensor:
+    manifest = read_manifest(dataset)
+    dtype = np.dtype(manifest["dtype"])
+    rows = []
+    from ptft_dist.data.stream import iter_shard
+
+    for shard in manifest["splits"]["train"]["shards"]:
+        for _, ids in iter_shard(str(dataset / shard["file"]), dtype, manifest["seq_len"]):
+            rows.append(ids.astype(np.int64))
+            if len(rows) == n:
+                return torch.from_numpy(np.stack(rows))
+    return torch.from_numpy(np.stack(rows))
+
+
+def make_model(dataset: Path, model_kw: dict):
+    manifest = read_manifest(dataset)
+    cfg = C.ModelConfig(**model_kw)
+    hf = models.mlm_config(cfg, vocab_size=manifest["vocab_size"], special_ids=manifest["tokenizer"]["special_ids"])
+    return models.build_mlm(cfg, hf), manifest
+
+
+def steady_tokens_per_s(step_times: list[float], tokens_per_step: int, warmup: int) -> float:
+    timed = step_times[warmup:]
+    return tokens_per_step * len(timed) / sum(timed)
+
+
+# --------------------------------------------------------------------------- (a) ptft
+
+
+def run_ptft(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2) -> float:
+    cfg = C.load(
+        "pretrain",
+        "pretrain_tiny",
+        [f"data.dataset_dir={dataset}", f"run_dir={work / f'ptft_z{stage}'}", *(f"model.{k}={v}" for k, v in MODEL.items()),
+         f"optim.global_batch_size={GLOBAL_BATCH}", "optim.micro_batch_size_per_rank=16", f"optim.max_steps={steps}",
+         f"zero.stage={stage}", "tracking.log_every_steps=1", f"eval_every_steps={10 * steps}", "data.num_eval_samples=32", f"data.mlm_probability={MLM_P}"],
+    )
+    jobs.pretrain(cfg)
+    rows = [json.loads(line) for line in open(Path(cfg.run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
+    return steady_tokens_per_s([r["step_time_s"] for r in rows], GLOBAL_BATCH * SEQ_LEN, warmup)
+
+
+# --------------------------------------------------------------------------- plain loops
+
+
+def _mask(ids: torch.Tensor, manifest: dict, seed: int):
+    sp = manifest["tokenizer"]["special_ids"]
+    return mask_tokens(ids, mlm_probability=MLM_P, mask_id=sp["mask"], vocab_size=manifest["vocab_size"], special_ids=[sp["cls"], sp["sep"], sp["pad"]], generator=torch.Generator().manual_seed(seed))
+
+
+def run_plain(dataset: Path, steps: int, warmup: int) -> float:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, manifest = make_model(dataset, MODEL)
+    data = train_samples(dataset, GLOBAL_BATCH * steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times = []
+    for step in range(steps):
+        t = time.perf_counter()
+        inputs, labels = _mask(data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH], manifest, step)
+        loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, manifest = make_model(Path(dataset), MODEL)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    data = train_samples(Path(dataset), GLOBAL_BATCH * steps)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    micro = GLOBAL_BATCH // world
+    times = []
+    for step in range(steps):
+        dist.barrier()
+        t = time.perf_counter()
+        lo = step * GLOBAL_BATCH + rank * micro
+        inputs, labels = _mask(data[lo : lo + micro], manifest, step * world + rank)
+        loss = ddp(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def run_ddp(dataset: Path, work: Path, steps: int, warmup: int) -> float:
+    out = work / "ddp_times.json"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), steps, str(out)), nprocs=2)
+    return steady_tokens_per_s(json.loads(out.read_text()), GLOBAL_BATCH * SEQ_LEN, warmup)
+
+
+def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, manifest = make_model(dataset, MODEL)
+    model = models.unwrap(model)[0]
+    tok = AutoTokenizer.from_pretrained(str(dataset / "tokenizer"))
+    data = train_samples(dataset, GLOBAL_BATCH * steps)
+    rows = [{"input_ids": r} for r in data.tolist()]
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    args = TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=GLOBAL_BATCH, max_steps=steps, learning_rate=1e-3,
+                             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", dataloader_num_workers=0, use_cpu=True)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=MLM_P), callbacks=[Clock()]).train()
+    return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
+
+
+# --------------------------------------------------------------------------- (c) memory
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from ptft_dist import engine as E
+    from ptft_dist.world import World
+
+    big = dict(MODEL, hidden_size=640, num_layers=10, num_heads=10, intermediate_size=1280)
+    optim = C.OptimConfig(global_batch_size=4, micro_batch_size_per_rank=2, lr=1e-4, warmup_steps=1, max_steps=10)
+    scaling = C.ScalingConfig(num_workers=world)
+    E.init_distributed(World(rank=rank, world_size=world), scaling)
+    ds = E.ds_config(optim, C.ZeroConfig(stage=stage), scaling)
+    manifest = read_manifest(Path(dataset))
+    data = train_samples(Path(dataset), 8)
+    before = _rss_mb()
+    with E.model_init_context(ds):
+        model, _ = make_model(Path(dataset), big)
+    engine = E.initialize(model, optim, ds)
+    for step in range(2):
+        inputs, labels = _mask(data[rank * 2 : rank * 2 + 2], manifest, step)
+        out_ = engine(input_ids=inputs, labels=labels)
+        engine.backward(out_.loss)
+        engine.step()
+    grown = _rss_mb() - before
+    if rank == 0:
+        Path(out).write_text(json.dumps({"rss_growth_mb": grown, "params": models.num_params(model)}))
+    dist.destroy_process_group()
+
+
+def run_zero_memory(dataset: Path, work: Path) -> dict:
+    results = {}
+    for stage in (0, 1, 2, 3):
+        out = work / f"zero{stage}.json"
+        torch.multiprocessing.spawn(_zero_worker, args=(2, _free_port(), str(dataset), stage, str(out)), nprocs=2)
+        results[stage] = json.loads(out.read_text())
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--skip-memory", action="store_true")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
+    dataset = build_dataset(work)
+    figures: dict = {}
+    figures["plain_tokens_per_s"] = run_plain(dataset, a.steps, a.warmup)
+    figures["ddp_tokens_per_s"] = run_ddp(dataset, work, a.steps, a.warmup)
+    figures["hf_trainer_tokens_per_s"] = run_hf_trainer(dataset, work, a.steps, a.warmup)
+    from ptft_dist import launcher
+
+    with launcher.session(num_cpus=2):
+        figures["ptft_tokens_per_s"] = run_ptft(dataset, work, a.steps, a.warmup)
+    figures["ratio_ptft_vs_plain"] = figures["ptft_tokens_per_s"] / figures["plain_tokens_per_s"]
+    figures["ratio_ptft_vs_ddp"] = figures["ptft_tokens_per_s"] / figures["ddp_tokens_per_s"]
+    figures["ratio_ptft_vs_hf_trainer"] = figures["ptft_tokens_per_s"] / figures["hf_trainer_tokens_per_s"]
+    print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
+    for name, key in (("ptft pretrain (Ray, 2 workers, ZeRO-2)", "ptft_tokens_per_s"), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
+                      ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"), ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s")):
+        print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
+    if not a.skip_memory:
+        mem = run_zero_memory(dataset, work)
+        n = mem[0]["params"]
+        theory = {0: 16, 1: 4 + 4 + 8 / 2, 2: 4 + 12 / 2, 3: 16 / 2}
+        print(f"\nZeRO per-rank memory, {n / 1e6:.1f}M parameters, 2 ranks (RSS growth over model build + 2 steps)")
+        print(f"{'stage':<6} {'measured MB':>12} {'vs stage 0':>11} {'theory MB':>10} {'theory vs 0':>12}")
+        for stage, r in mem.items():
+            print(f"{stage:<6} {r['rss_growth_mb']:>12.0f} {r['rss_growth_mb'] / mem[0]['rss_growth_mb']:>11.2f} {n * theory[stage] / 2**20:>10.0f} {theory[stage] / 16:>12.2f}")
+            figures[f"zero{stage}_rank_memory_mb"] = r["rss_growth_mb"]
+        figures["ratio_zero3_vs_zero0_memory"] = mem[3]["rss_growth_mb"] / mem[0]["rss_growth_mb"]
+        figures["memory_model_params"] = n
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
