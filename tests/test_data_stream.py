@@ -303,13 +303,18 @@ def test_http_shards_stream_resume_and_train(tiny_dataset, http_root):
     torch.manual_seed(0)
     losses = []
     _, loader = _loader(url, 0, 1, 2, shuffle=64)
-    for step, (_, _, _, ids) in zip(range(40), loader):
-        inputs, labels = mask_tokens(ids, mlm_probability=0.3, mask_id=special["mask"], vocab_size=manifest["vocab_size"], special_ids=[special["cls"], special["sep"], special["pad"]], generator=torch.Generator().manual_seed(step))
-        loss = model(input_ids=inputs, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: spinning threads only slow it on a shared machine
+    try:
+        for step, (_, _, _, ids) in zip(range(40), loader):
+            inputs, labels = mask_tokens(ids, mlm_probability=0.3, mask_id=special["mask"], vocab_size=manifest["vocab_size"], special_ids=[special["cls"], special["sep"], special["pad"]], generator=torch.Generator().manual_seed(step))
+            loss = model(input_ids=inputs, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
 
 
