@@ -86,8 +86,9 @@ MpiDefault=none
 SchedulerType=sched/backfill
 # keep finished jobs visible to scontrol for 10 minutes (there is no accounting database)
 MinJobAge=600
-# seconds between SIGTERM and SIGKILL for a job step's processes (default 30)
-KillWait=10
+# seconds between SIGTERM and SIGKILL for a job step's processes (default 30): Ray's GCS
+# ignores SIGTERM, so this is what tearing down the Ray nodes of a job costs
+KillWait=5
 NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
 PartitionName=local Nodes=${node} Default=YES MaxTime=INFINITE State=UP
 EOF
