@@ -193,6 +193,25 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _live_tensor_mb() -> float:
+    """Bytes of every tensor storage alive in this process (parameters, gradients, optimizer
+    states, DeepSpeed's flat buffers), each storage counted once: unlike RSS, this does not
+    see allocator caching."""
+    import gc
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:  # tensors without storage (meta, sparse)
+            continue
+    return total / 2**20
+
+
 def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -209,7 +228,7 @@ def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out
     ds = E.ds_config(optim, C.ZeroConfig(stage=stage), scaling)
     manifest = read_manifest(Path(dataset))
     data = train_samples(Path(dataset), 8)
-    before = _rss_mb()
+    before, before_live = _rss_mb(), _live_tensor_mb()
     with E.model_init_context(ds):
         model, _ = make_model(Path(dataset), big)
     engine = E.initialize(model, optim, ds)
@@ -218,9 +237,9 @@ def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out
         out_ = engine(input_ids=inputs, labels=labels)
         engine.backward(out_.loss)
         engine.step()
-    grown = _rss_mb() - before
+    grown, live = _rss_mb() - before, _live_tensor_mb() - before_live
     if rank == 0:
-        Path(out).write_text(json.dumps({"rss_growth_mb": grown, "params": models.num_params(model)}))
+        Path(out).write_text(json.dumps({"rss_growth_mb": grown, "tensor_mb": live, "params": models.num_params(model)}))
     dist.destroy_process_group()
 
 
@@ -238,10 +257,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
     dataset = build_dataset(work)
     figures: dict = {}
+    if not a.memory_only:
+        throughput(dataset, work, a, figures)
+    if not a.skip_memory:
+        memory(dataset, work, figures)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
     figures["plain_tokens_per_s"] = run_plain(dataset, a.steps, a.warmup)
     figures["ddp_tokens_per_s"] = run_ddp(dataset, work, a.steps, a.warmup)
     figures["hf_trainer_tokens_per_s"] = run_hf_trainer(dataset, work, a.steps, a.warmup)
@@ -256,18 +284,20 @@ def main() -> None:
     for name, key in (("ptft pretrain (Ray, 2 workers, ZeRO-2)", "ptft_tokens_per_s"), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
                       ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"), ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s")):
         print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
-    if not a.skip_memory:
-        mem = run_zero_memory(dataset, work)
-        n = mem[0]["params"]
-        theory = {0: 16, 1: 4 + 4 + 8 / 2, 2: 4 + 12 / 2, 3: 16 / 2}
-        print(f"\nZeRO per-rank memory, {n / 1e6:.1f}M parameters, 2 ranks (RSS growth over model build + 2 steps)")
-        print(f"{'stage':<6} {'measured MB':>12} {'vs stage 0':>11} {'theory MB':>10} {'theory vs 0':>12}")
-        for stage, r in mem.items():
-            print(f"{stage:<6} {r['rss_growth_mb']:>12.0f} {r['rss_growth_mb'] / mem[0]['rss_growth_mb']:>11.2f} {n * theory[stage] / 2**20:>10.0f} {theory[stage] / 16:>12.2f}")
-            figures[f"zero{stage}_rank_memory_mb"] = r["rss_growth_mb"]
-        figures["ratio_zero3_vs_zero0_memory"] = mem[3]["rss_growth_mb"] / mem[0]["rss_growth_mb"]
-        figures["memory_model_params"] = n
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+def memory(dataset: Path, work: Path, figures: dict) -> None:
+    mem = run_zero_memory(dataset, work)
+    n = mem[0]["params"]
+    theory = {0: 16, 1: 4 + 4 + 8 / 2, 2: 4 + 12 / 2, 3: 16 / 2}
+    print(f"\nZeRO per-rank memory, {n / 1e6:.1f}M parameters, 2 ranks, after 2 steps: live tensor bytes (and RSS growth)")
+    print(f"{'stage':<6} {'tensors MB':>11} {'vs stage 0':>11} {'theory MB':>10} {'theory vs 0':>12} {'RSS MB':>8}")
+    for stage, r in mem.items():
+        print(f"{stage:<6} {r['tensor_mb']:>11.0f} {r['tensor_mb'] / mem[0]['tensor_mb']:>11.2f} {n * theory[stage] / 2**20:>10.0f} {theory[stage] / 16:>12.2f} {r['rss_growth_mb']:>8.0f}")
+        figures[f"zero{stage}_rank_memory_mb"] = r["tensor_mb"]
+        figures[f"zero{stage}_rank_rss_growth_mb"] = r["rss_growth_mb"]
+    figures["ratio_zero3_vs_zero0_memory"] = mem[3]["tensor_mb"] / mem[0]["tensor_mb"]
+    figures["memory_model_params"] = n
 
 
 if __name__ == "__main__":

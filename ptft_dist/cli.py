@@ -20,6 +20,7 @@ import os
 import sys
 
 from . import config as C
+from .jobs import Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, DataError, OSError) as e:
         print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"ptft {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except RuntimeError as e:  # a run that failed on its workers, said in one line
         print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 1

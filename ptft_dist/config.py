@@ -208,6 +208,7 @@ class PretrainDataConfig:
     num_loader_workers: int = f(0, "DataLoader worker processes per rank (0 reads in the training process).")
     num_eval_samples: int = f(512, "Held-out samples used for every evaluation (the same ones, with the same masks, each time).")
     on_error: Literal["raise", "skip"] = f("raise", "A bad shard or sample (missing, truncated, corrupt, wrong sha256, missing field): `raise` stops with an error naming it; `skip` leaves it out, logs a warning naming it and counts the skipped samples.")
+    ledger: bool = f(False, "Write the keys of every sample each rank trains on, per step, to `<run_dir>/ledger/rank<r>.jsonl` (for audits of exactly-once reading; a resumed step is written again, and its last entry counts).")
     verify_shards: bool = f(True, "Check each shard's size and sha256 against the manifest the first time a loader process opens it (one more sequential read of the shard; for remote shards, one more download).")
 
     def check(self, path: str) -> None:
@@ -231,6 +232,7 @@ class PretrainConfig:
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
     eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
     time_budget_s: float | None = f(None, "Stop after this many seconds of training (the schedule still spans max_steps), with a checkpoint and the export.")
+    preemption_grace_s: float = f(120.0, "After SIGTERM to the driver, how long the workers have to write a checkpoint and stop before the driver exits anyway (exit code 75 either way: run the same command again to resume).")
     stop_at_step: int | None = f(None, "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again with the same run dir resumes from it.")
     peak_tflops_per_rank: float | None = f(None, "Peak dense TFLOP/s of one rank's device, for MFU. None: known GPUs are detected (H100/H200: 989 bf16); on CPU MFU is not reported.")
 

@@ -4,7 +4,9 @@ recipe on the workers, return the summary. The CLI is a thin layer over these fu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import json
 import logging
 import time
@@ -76,14 +78,60 @@ def _resolve_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, run_dir=_abs(cfg.run_dir), base_model=_abs(cfg.base_model), task=resolve_task(cfg.task, cfg.run_dir))
 
 
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM after writing a checkpoint; the same command resumes it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again
+
+
+@contextlib.contextmanager
+def _preemptible(run_dir: str | Path, grace_s: float):
+    """While inside, SIGTERM asks the workers (through ``<run_dir>/STOP``) to write a
+    checkpoint and stop; if they take longer than ``grace_s`` the process exits with 75.
+    Only the main thread can take signals: elsewhere this does nothing."""
+    import signal
+    import threading
+
+    from .recipes.pretrain import STOP_FILE
+
+    stop = Path(run_dir, STOP_FILE)
+    stop.unlink(missing_ok=True)  # a new start of the same command resumes, not stops
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_term(signum, frame):
+        log.warning("SIGTERM: asking the workers to checkpoint and stop (grace %.0f s)", grace_s)
+        stop.touch()
+        timer = threading.Timer(grace_s, lambda: (log.error("no checkpoint within %.0f s of SIGTERM; exiting", grace_s), os._exit(Preempted.exit_code)))
+        timer.daemon = True
+        timer.start()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def pretrain(cfg: PretrainConfig, *, address: str | None = None) -> dict:
-    """``ptft pretrain`` on Ray Train; returns summary.json's content."""
+    """``ptft pretrain`` on Ray Train; returns summary.json's content.
+
+    Running the same command again with the same run dir resumes from the newest checkpoint
+    (Ray Train restores it from ``<run_dir>/ray/pretrain``). On SIGTERM the workers write a
+    checkpoint and stop, and :class:`Preempted` is raised (the CLI exits with 75).
+    """
     from . import launcher
 
     cfg = _resolve_pretrain(cfg)
     prepare_run_dir(cfg.run_dir, cfg)
-    with launcher.session(address, use_gpu=cfg.scaling.use_gpu):
+    # the handler goes in after ray.init, which installs a SIGTERM handler of its own
+    with launcher.session(address, use_gpu=cfg.scaling.use_gpu), _preemptible(cfg.run_dir, cfg.preemption_grace_s) as stop:
         result = launcher.fit("pretrain", cfg, name="pretrain")
+        if stop.exists():
+            stop.unlink()
+            summary = _read_summary(cfg.run_dir, "pretraining", result)
+            raise Preempted(f"preempted at step {summary['metrics']['steps']}: a checkpoint is saved; run the same command again to resume")
     return _read_summary(cfg.run_dir, "pretraining", result)
 
 

@@ -16,8 +16,10 @@ rank; this file imports no Ray.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +40,17 @@ from ..world import World, all_reduce_max, all_reduce_sum, barrier
 log = logging.getLogger(__name__)
 
 OnCheckpoint = Callable[[str, dict], None]
+
+
+STOP_FILE = "STOP"  # its presence in the run dir asks the workers to checkpoint and stop
+
+
+def _heartbeat(run_dir: Path, world: World, step: int) -> None:
+    """``progress/rank<r>.json``: this rank's pid and step, for monitoring and fault tests."""
+    path = run_dir / "progress" / f"rank{world.rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "time": time.time()}))
+    os.replace(tmp, path)
 
 
 def _collate(items):
@@ -140,7 +153,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         flops_per_token = models.flops_per_token(hf_config, seq_len, cfg.data.mlm_probability)
         peak_tflops = engine_lib.peak_tflops(cfg.scaling, cfg.peak_tflops_per_rank)
         start_time = last_time = last_save = time.perf_counter()
-        start_step, paused = step, False
+        start_step, paused, preempted = step, False, False
         last_step, loss_acc, loss_n = step, 0.0, 0
         eval_metrics: dict[str, float] = {}
         config_yaml = dump_yaml(cfg)
@@ -155,10 +168,17 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 barrier()
                 on_checkpoint(tmp, metrics)
 
+        (run_dir / "progress").mkdir(parents=True, exist_ok=True)
+        ledger = None
+        if cfg.data.ledger:
+            (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
+            ledger = open(run_dir / "ledger" / f"rank{world.rank}.jsonl", "a", buffering=1)
         while step < cfg.optim.max_steps:
+            step_keys: list[str] = []
             for micro in range(accum):
                 slot, epochs, _keys, ids = next(batches)
                 advance(position, slot, epochs)
+                step_keys += _keys
                 # The mask of a micro batch depends only on (seed, rank, step, micro index):
                 # a resumed run draws the same masks without saving generator state.
                 gen = torch.Generator().manual_seed(((cfg.optim.seed * 1_000_003 + world.rank) * 1_000_003 + step) * 64 + micro)
@@ -170,15 +190,19 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 loss_n += 1
             step += 1
             samples_seen += cfg.optim.global_batch_size
+            if ledger is not None:
+                ledger.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
+            _heartbeat(run_dir, world, step)
             # Clock-based decisions are rank 0's, shared in one small all-reduce so that every
             # rank stops and saves at the same step.
             now = time.perf_counter()
             out_of_time = cfg.time_budget_s is not None and now - start_time > cfg.time_budget_s
             save_due = cfg.checkpoint.every_minutes > 0 and now - last_save > 60 * cfg.checkpoint.every_minutes
-            flags = all_reduce_sum([float(out_of_time and world.is_rank_zero), float(save_due and world.is_rank_zero)])
-            out_of_time, save_due = flags[0] > 0, flags[1] > 0
+            preempted = (run_dir / STOP_FILE).exists()
+            flags = all_reduce_sum([float(out_of_time and world.is_rank_zero), float(save_due and world.is_rank_zero), float(preempted and world.is_rank_zero)])
+            out_of_time, save_due, preempted = flags[0] > 0, flags[1] > 0, flags[2] > 0
             # stop_at_step pauses a run that started before it; the resumed run goes on
-            paused = cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps
+            paused = (cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps) or (preempted and step < cfg.optim.max_steps)
             last = step == cfg.optim.max_steps or out_of_time or paused
 
             if step % cfg.tracking.log_every_steps == 0 or last:
@@ -222,10 +246,13 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         train_time_s = time.perf_counter() - start_time
         if not eval_metrics:  # resumed a finished run: measure the model as it is
             eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
+        if ledger is not None:
+            ledger.close()
         if paused:
             if world.is_rank_zero:
-                log.info("stopped at step %d of %d (stop_at_step); run again with the same run dir to resume", step, cfg.optim.max_steps)
-                write_summary(run_dir, dict(eval_metrics, steps=step, completed=False), {"checkpoints": str((run_dir / "ray").resolve())})
+                why = "preemption (SIGTERM)" if preempted else "stop_at_step"
+                log.info("stopped at step %d of %d (%s); run again with the same run dir to resume", step, cfg.optim.max_steps, why)
+                write_summary(run_dir, dict(eval_metrics, steps=step, completed=False, preempted=bool(preempted)), {"checkpoints": str((run_dir / "ray").resolve())})
             return None
 
         # 7. export the consolidated weights
