@@ -62,6 +62,7 @@ case "$1" in
     *) echo "ray-submit.sh: '$1' is not a ptft command that runs on a cluster (data, pretrain, finetune, pipeline)" >&2; exit 2 ;;
 esac
 
+ray_auth_for "$address"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 job_id="${job_id:-ptft-$1-$(date +%Y%m%d-%H%M%S)}"
 

@@ -60,7 +60,15 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
     kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            # Ray sends its token to an explicit address only when asked to.
+            hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+                "; if the cluster uses token authentication (Ray's default when a token exists),"
+                " set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+            )
+            raise ConnectionError(f"{e}{hint}") from None
     else:
         # Everything local listens on loopback only. The dashboard also hosts the state API
         # that Ray Train's controller polls (without it, it logs a warning every few seconds).

@@ -25,12 +25,13 @@ TINY = ["data.max_documents=1000", "pretrain.optim.max_steps=4", "pretrain.eval_
 def _env() -> dict[str, str]:
     # The venv's bin first, as in an activated venv: the scripts call `ray`.
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(name, None)
     return env
 
 
-def _run(args: list, timeout_s: float, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(a) for a in args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+def _run(args: list, timeout_s: float, check_rc: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(a) for a in args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     if check_rc is not None:
         assert r.returncode == check_rc, f"{args[0]} exited {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-4000:]}"
     return r
@@ -66,6 +67,13 @@ def test_submit_pipeline_follow_logs_and_stop_a_job(tmp_path, ray_head):
     assert list((run_dir / "finetune").rglob("adapter_config.json")), "finetuning exported no adapter"
 
     t1 = time.monotonic()
+    # `ptft --address` joins the same head as a plain driver; with a token on this machine the
+    # head uses token authentication, and a driver sends it when told to (cluster-local.md)
+    join = "import ray\nfrom ptft_dist import launcher\nwith launcher.session(%r):\n    print('cpus', ray.cluster_resources()['CPU'])" % ray_head["gcs_address"]
+    env = _env()
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        env["RAY_AUTH_MODE"] = "token"
+    assert "cpus 2.0" in _run([sys.executable, "-c", join], timeout_s=180, env=env).stdout
     # 2. logs of a finished job, then its status
     r = _run([LAUNCH / "ray-logs.sh", "--address", address, "tiny-pipeline"], timeout_s=120)
     assert "pretraining: eval MLM loss" in r.stdout and f"run directory: {run_dir}" in r.stdout
