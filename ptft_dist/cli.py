@@ -67,7 +67,8 @@ def _dry_run(command: str, cfg) -> None:
         seq_len = cfg.data.seq_len if command == "pipeline" and name == "pretrain" else None
         print(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
         print(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
-        print(json.dumps(C.deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu), indent=2))
+        hidden = part.model.hidden_size if isinstance(part, C.PretrainConfig) and not part.model.init_from else None
+        print(json.dumps(C.deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

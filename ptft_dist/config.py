@@ -372,15 +372,25 @@ def batch_arithmetic(optim: OptimConfig, scaling: ScalingConfig, seq_len: int | 
     return text
 
 
-def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for these sections. The optimizer and schedule are built by the
-    engine module (client AdamW with parameter groups and a LambdaLR), so they are not here."""
+    engine module (client AdamW with parameter groups and a LambdaLR), so they are not here.
+
+    With ``hidden_size``, ZeRO's communication buckets are sized to the model as
+    transformers' integration does ("auto"): DeepSpeed's defaults (5e8 elements) allocate a
+    2 GB fp32 bucket per rank under ZeRO-3, more than a small model's whole state.
+    """
     precision = zero.precision
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     zero_opt: dict[str, Any] = {"stage": zero.stage}
+    if hidden_size and zero.stage >= 1:
+        zero_opt["reduce_bucket_size"] = hidden_size * hidden_size
     if zero.stage == 3:
         zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size:
+            zero_opt["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero_opt["stage3_param_persistence_threshold"] = 10 * hidden_size
     if zero.offload_optimizer:
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if zero.offload_params:

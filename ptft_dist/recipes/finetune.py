@@ -196,7 +196,9 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
     tracker = Tracker(run_dir, cfg.tracking, world, config=to_dict(cfg), job_type="finetune")
     try:
         # 2. model (+ adapters) and engine
-        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling)
+        from transformers import AutoConfig
+
+        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=AutoConfig.from_pretrained(cfg.base_model).hidden_size)
         model, family = build_model(cfg, names, ds)
         trainable, total = models.num_params(model, trainable_only=True), models.num_params(model)
         engine = engine_lib.initialize(model, cfg.optim, ds)

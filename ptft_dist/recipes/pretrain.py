@@ -121,8 +121,8 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=resume_id)
     try:
         # 3. model and engine
-        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling)
         hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=special)
+        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=hf_config.hidden_size)
         if hf_config.vocab_size < manifest["vocab_size"]:
             raise DataError(f"model vocab_size {hf_config.vocab_size} < dataset vocab_size {manifest['vocab_size']} ({dataset_dir})")
         if seq_len > hf_config.max_position_embeddings:
