@@ -67,6 +67,29 @@ def read_state(directory: str | Path, rank: int = 0) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+#: Config sections that must not change between a checkpoint and the run resuming it.
+FROZEN_ON_RESUME = {"model": None, "zero": ("stage",), "optim": ("global_batch_size", "micro_batch_size_per_rank", "seed"), "data": ("dataset_dir", "num_loader_workers")}
+
+
+def check_compatible(directory: str | Path, current: dict[str, Any]) -> None:
+    """Refuse to resume with a config whose model, ZeRO stage, batch or data differ from the
+    checkpoint's, naming the first field that differs."""
+    import yaml
+
+    saved_file = Path(directory, "config.yaml")
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    for section, fields in FROZEN_ON_RESUME.items():
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for name in fields or sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                raise ValueError(
+                    f"checkpoint {directory} was written with {section}.{name}={old.get(name)!r}, this run has "
+                    f"{section}.{name}={new.get(name)!r}; resume with the checkpoint's value or use a new run dir"
+                )
+
+
 def load(engine, directory: str | Path, world: World) -> dict[str, Any]:
     """Restore the engine and RNG states; return this rank's train state. Collective.
 

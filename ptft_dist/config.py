@@ -232,6 +232,7 @@ class PretrainConfig:
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
     eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
     time_budget_s: float | None = f(None, "Stop after this many seconds of training (the schedule still spans max_steps), with a checkpoint and the export.")
+    on_nonfinite_loss: Literal["raise"] = f("raise", "A NaN or infinite training loss on any rank stops the run with an error naming the step (every rank stops at the same step).")
     preemption_grace_s: float = f(120.0, "After SIGTERM to the driver, how long the workers have to write a checkpoint and stop before the driver exits anyway (exit code 75 either way: run the same command again to resume).")
     stop_at_step: int | None = f(None, "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again with the same run dir resumes from it.")
     peak_tflops_per_rank: float | None = f(None, "Peak dense TFLOP/s of one rank's device, for MFU. None: known GPUs are detected (H100/H200: 989 bf16); on CPU MFU is not reported.")

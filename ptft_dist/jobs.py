@@ -48,7 +48,11 @@ def build_data(cfg: DataBuildConfig, run_dir: str | Path) -> dict:
 
     out_dir = Path(cfg.output_dir or Path(run_dir, "data"))
     start = time.perf_counter()
-    manifest = build(cfg, out_dir)
+    try:
+        manifest = build(cfg, out_dir)
+    except OSError as e:  # disk full, permissions: say where, whatever the library said
+        where = f"{e.filename}" if e.filename else str(out_dir)
+        raise OSError(e.errno, f"{e.strerror or e} while writing the dataset to {where} (nothing is published: the manifest is written last)") from None
     splits = manifest["splits"]
     summary = {
         "metrics": {
@@ -63,13 +67,22 @@ def build_data(cfg: DataBuildConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def _resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
-    return dataclasses.replace(
+def _resolve_pretrain(cfg: PretrainConfig, *, check_data: bool = True) -> PretrainConfig:
+    """Absolute paths; with ``check_data``, the dataset's manifest and tokenizer are checked
+    here, before Ray starts (a model to continue from must use the dataset's tokenizer)."""
+    from .data.build import DataError, check_tokenizer
+
+    cfg = dataclasses.replace(
         cfg,
         run_dir=_abs(cfg.run_dir),
         data=dataclasses.replace(cfg.data, dataset_dir=_abs(cfg.data.dataset_dir)),
         model=dataclasses.replace(cfg.model, init_from=_abs(cfg.model.init_from)),
     )
+    if check_data:
+        if not cfg.data.dataset_dir:
+            raise DataError("data.dataset_dir is not set: build a dataset with `ptft data build` and point data.dataset_dir at it")
+        check_tokenizer(cfg.data.dataset_dir, cfg.model.init_from or cfg.data.dataset_dir, what="model.init_from")
+    return cfg
 
 
 def _resolve_finetune(cfg: FinetuneConfig) -> FinetuneConfig:

@@ -79,19 +79,21 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
         ray.shutdown()
 
 
-def check_resources(scaling: ScalingConfig, what: str) -> None:
-    """Fail fast when the cluster can never hold the workers (instead of waiting forever)."""
+def check_resources(scaling: ScalingConfig, section: str = "") -> None:
+    """Fail fast when the cluster can never hold the workers (instead of waiting forever).
+    ``section`` prefixes the field names in the message (``finetune[trec6]``)."""
     import ray
 
+    field = f"{section}.scaling" if section else "scaling"
     total = ray.cluster_resources()
     need_cpu = scaling.num_workers * scaling.cpus_per_worker
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
-            f"{what}.scaling: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs = {need_cpu:g} CPUs, "
-            f"but the Ray cluster has {total.get('CPU', 0):g}; lower {what}.scaling.num_workers or cpus_per_worker"
+            f"{field}: {scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
+            f"but the Ray cluster has {total.get('CPU', 0):g}; lower {field}.num_workers or {field}.cpus_per_worker"
         )
     if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
-        raise ConfigError(f"{what}.scaling: {scaling.num_workers} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs")
+        raise ConfigError(f"{field}: {scaling.num_workers} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs")
 
 
 def _worker_loop(config: dict) -> None:
@@ -136,7 +138,7 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
 
-    check_resources(cfg.scaling, recipe)
+    check_resources(cfg.scaling)
     keep = cfg.checkpoint.keep_last if hasattr(cfg, "checkpoint") else 1
     trainer = TorchTrainer(
         _worker_loop,

@@ -99,8 +99,10 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     ``on_checkpoint(directory, metrics)`` is called on every rank after each rank saved its
     part of a checkpoint into ``directory`` (under Ray it calls ``ray.train.report``).
     """
-    # 1. validate and set up the process group
+    # 1. validate (a resumed run must match its checkpoint) and set up the process group
     cfg.check()
+    if resume_dir:
+        checkpoint.check_compatible(resume_dir, _plain(cfg))
     engine_lib.init_distributed(world, cfg.scaling)
     torch.manual_seed(cfg.optim.seed)
     run_dir = Path(cfg.run_dir)
@@ -175,6 +177,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             ledger = open(run_dir / "ledger" / f"rank{world.rank}.jsonl", "a", buffering=1)
         while step < cfg.optim.max_steps:
             step_keys: list[str] = []
+            nonfinite = False
             for micro in range(accum):
                 slot, epochs, _keys, ids = next(batches)
                 advance(position, slot, epochs)
@@ -186,7 +189,9 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 out = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device))
                 engine.backward(out.loss)
                 engine.step()
-                loss_acc += out.loss.item()
+                loss_value = out.loss.item()
+                nonfinite = nonfinite or not math.isfinite(loss_value)
+                loss_acc += loss_value
                 loss_n += 1
             step += 1
             samples_seen += cfg.optim.global_batch_size
@@ -199,8 +204,10 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             out_of_time = cfg.time_budget_s is not None and now - start_time > cfg.time_budget_s
             save_due = cfg.checkpoint.every_minutes > 0 and now - last_save > 60 * cfg.checkpoint.every_minutes
             preempted = (run_dir / STOP_FILE).exists()
-            flags = all_reduce_sum([float(out_of_time and world.is_rank_zero), float(save_due and world.is_rank_zero), float(preempted and world.is_rank_zero)])
+            flags = all_reduce_sum([float(out_of_time and world.is_rank_zero), float(save_due and world.is_rank_zero), float(preempted and world.is_rank_zero), float(nonfinite)])
             out_of_time, save_due, preempted = flags[0] > 0, flags[1] > 0, flags[2] > 0
+            if flags[3] > 0:  # every rank sees it at the same step and stops
+                raise FloatingPointError(f"step {step}: the training loss is not finite on {int(flags[3])} of {world.world_size} ranks (NaN or inf); lower optim.lr or check the data")
             # stop_at_step pauses a run that started before it; the resumed run goes on
             paused = (cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps) or (preempted and step < cfg.optim.max_steps)
             last = step == cfg.optim.max_steps or out_of_time or paused
