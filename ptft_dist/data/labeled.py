@@ -74,6 +74,12 @@ def _parquet_batches(pf):
         start += batch.num_rows
 
 
+def _pick(row: dict, spec: str) -> str:
+    """A column name, or ``a|b``: the first of the alternatives present in ``row`` (files of
+    one task whose headers differ, like SST-2's train `sentence` and test `content`)."""
+    return next((name for name in spec.split("|") if name in row), spec)
+
+
 def read_examples(path: str | Path, text_column: str, label_column: str, pair_column: str | None = None):
     """Texts and labels (as strings) of one file, plus the second texts when ``pair_column``
     is set: ``(texts, labels)`` or ``(texts, labels, pairs)``. Raises DataError naming the
@@ -82,8 +88,11 @@ def read_examples(path: str | Path, text_column: str, label_column: str, pair_co
     if not path.is_file():
         raise DataError(f"task file {path} does not exist")
     texts, labels, pairs = [], [], []
-    columns = (text_column, label_column) + ((pair_column,) if pair_column else ())
     for lineno, row in _rows(path):
+        if lineno <= 2 and isinstance(row, dict):  # alternatives ("sentence|content"): the first the file has
+            text_column, label_column = _pick(row, text_column), _pick(row, label_column)
+            pair_column = _pick(row, pair_column) if pair_column else None
+        columns = (text_column, label_column) + ((pair_column,) if pair_column else ())
         for column in columns:
             if not isinstance(row, dict) or column not in row or row[column] is None:
                 have = ", ".join(repr(k) for k in row) if isinstance(row, dict) else type(row).__name__
