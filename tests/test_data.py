@@ -34,10 +34,7 @@ def _write(path: Path, docs: list[str]) -> Path:
     elif name.endswith(".zst"):
         import zstandard
 
-        def opener(p, mode, **kw):  # noqa: E306 - a tiny local adapter
-            return zstandard.open(p, mode, **kw)
-
-        name = name[:-4]
+        opener, name = zstandard.open, name[:-4]
     if name.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
