@@ -86,6 +86,9 @@ MpiDefault=none
 SchedulerType=sched/backfill
 # keep finished jobs visible to scontrol for 10 minutes (there is no accounting database)
 MinJobAge=600
+# job ids from a random start: two test clusters on one machine then give their jobs different
+# Ray ports and temp dirs (ptft.sbatch derives both from the job id)
+FirstJobId=$(( (RANDOM << 8 | RANDOM) % 900000 + 1000 ))
 # seconds between SIGTERM and SIGKILL for a job step's processes (default 30): Ray's GCS
 # ignores SIGTERM, so this is what tearing down the Ray nodes of a job costs
 KillWait=5
