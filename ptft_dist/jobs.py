@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def _abs(path: str | None) -> str | None:
-    return str(Path(path).expanduser().resolve()) if path else path
+    """An absolute local path (workers do not share the driver's working directory); URLs
+    (``s3://``, ``https://``) stay as they are."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def prepare_run_dir(run_dir: str | Path, cfg: Any) -> Path:

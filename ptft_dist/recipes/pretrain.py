@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint, engine as engine_lib, models
 from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps
-from ..data.build import DataError, load_tokenizer, read_manifest, tokenizer_sha256
+from ..data.build import DataError, check_tokenizer, load_tokenizer, read_manifest, tokenizer_dir
 from ..data.stream import ShardStream, advance, mask_tokens, new_position, read_all
 from ..tracking import Tracker, write_summary
 from ..world import World, all_reduce_max, all_reduce_sum, barrier
@@ -110,9 +110,9 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     if not dataset_dir:
         raise DataError("pretrain.data.dataset_dir is not set: build a dataset with `ptft data build` first")
     manifest = read_manifest(dataset_dir)
-    tokenizer = load_tokenizer(Path(dataset_dir, manifest["tokenizer"]["dir"]))
-    if tokenizer_sha256(Path(dataset_dir, "tokenizer")) != manifest["tokenizer"]["sha256"]:
-        raise DataError(f"{dataset_dir}: tokenizer/tokenizer.json does not match the hash in manifest.json")
+    # the shards' tokenizer must be the model's (and match the manifest's hash)
+    check_tokenizer(dataset_dir, cfg.model.init_from or tokenizer_dir(dataset_dir, manifest), what="model.init_from")
+    tokenizer = load_tokenizer(tokenizer_dir(dataset_dir, manifest))
     seq_len = manifest["seq_len"]
     special = manifest["tokenizer"]["special_ids"]
     accum = grad_accum_steps(cfg.optim, cfg.scaling)
@@ -137,13 +137,17 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
 
         # 4. resume
         step, samples_seen = 0, 0
-        position = new_position(max(1, cfg.data.num_loader_workers))
+        position = new_position(max(1, cfg.data.num_loader_workers), world_size=world.world_size)
         if resume_dir:
             state = checkpoint.load(engine, resume_dir, world)
             step, samples_seen, position = state["step"], state["samples_seen"], state["data_position"]
 
         # 5. data: this rank's stream, and the fixed held-out set with fixed masks
-        stream = ShardStream(dataset_dir, "train", rank=world.rank, world_size=world.world_size, seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer, position=copy.deepcopy(position))
+        stream = ShardStream(
+            dataset_dir, "train", rank=world.rank, world_size=world.world_size, seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            position=copy.deepcopy(position), num_loader_workers=cfg.data.num_loader_workers, on_error=cfg.data.on_error, verify=cfg.data.verify_shards,
+        )
+        position = stream.state_dict()
         loader = DataLoader(stream, batch_size=cfg.optim.micro_batch_size_per_rank, num_workers=cfg.data.num_loader_workers, collate_fn=_collate)
         batches = iter(loader)
         _, eval_ids = read_all(dataset_dir, "valid", limit=cfg.data.num_eval_samples)
@@ -227,6 +231,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                     "tokens_seen": samples_seen * seq_len,
                     "epoch": max(e for e, _ in position["slots"]),
                     "peak_memory_mb": all_reduce_max([engine_lib.peak_memory_mb(cfg.scaling)])[0],
+                    "data_skipped_samples": all_reduce_sum([stream.num_skipped_samples])[0],
                 }
                 if peak_tflops:
                     metrics["mfu"] = tokens_per_s * flops_per_token / (peak_tflops * 1e12 * world.world_size)
@@ -251,6 +256,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 break
 
         train_time_s = time.perf_counter() - start_time
+        skipped = all_reduce_sum([stream.num_skipped_samples])[0]  # collective: before any rank returns
         if not eval_metrics:  # resumed a finished run: measure the model as it is
             eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
         if ledger is not None:
@@ -270,7 +276,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         barrier()
         if not world.is_rank_zero:
             return None
-        summary_metrics = dict(eval_metrics, steps=step, completed=True, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
+        summary_metrics = dict(eval_metrics, data_skipped_samples=skipped, steps=step, completed=True, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
         write_summary(run_dir, summary_metrics, {"hf_model": str(export_dir.resolve()), "dataset": str(Path(dataset_dir).resolve())})
         return {"metrics": summary_metrics, "artifacts": {"hf_model": str(export_dir.resolve())}}
     finally:
