@@ -238,16 +238,6 @@ def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out
         engine.backward(out_.loss)
         engine.step()
     grown, live = _rss_mb() - before, _live_tensor_mb() - before_live
-    if os.environ.get("PTFT_BENCH_DEBUG") and rank == 0:
-        import gc
-
-        sizes = {}
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                st = obj.untyped_storage()
-                sizes[st.data_ptr()] = (st.nbytes() / 2**20, tuple(obj.shape), obj.dtype)
-        for mb, shape, dtype in sorted(sizes.values(), key=lambda x: -x[0])[:12]:
-            print(f"storage {mb:8.1f} MB  e.g. {shape} {dtype}", flush=True)
     if rank == 0:
         Path(out).write_text(json.dumps({"rss_growth_mb": grown, "tensor_mb": live, "params": models.num_params(model)}))
     dist.destroy_process_group()
@@ -318,54 +308,6 @@ def memory(dataset: Path, work: Path, figures: dict, precisions=("fp32", "bf16")
             figures[f"{precision}_zero{stage}_rank_rss_growth_mb"] = r["rss_growth_mb"]
         figures[f"{precision}_ratio_zero3_vs_zero0_memory"] = mem[3]["tensor_mb"] / mem[0]["tensor_mb"]
         figures["memory_model_params"] = n
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--memory-only", action="store_true")
-    a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
-    dataset = build_dataset(work)
-    figures: dict = {}
-    if not a.memory_only:
-        throughput(dataset, work, a, figures)
-    if not a.skip_memory:
-        memory(dataset, work, figures)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
-
-
-def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
-    figures["plain_tokens_per_s"] = run_plain(dataset, a.steps, a.warmup)
-    figures["ddp_tokens_per_s"] = run_ddp(dataset, work, a.steps, a.warmup)
-    figures["hf_trainer_tokens_per_s"] = run_hf_trainer(dataset, work, a.steps, a.warmup)
-    from ptft_dist import launcher
-
-    with launcher.session(num_cpus=2):
-        figures["ptft_tokens_per_s"] = run_ptft(dataset, work, a.steps, a.warmup)
-    figures["ratio_ptft_vs_plain"] = figures["ptft_tokens_per_s"] / figures["plain_tokens_per_s"]
-    figures["ratio_ptft_vs_ddp"] = figures["ptft_tokens_per_s"] / figures["ddp_tokens_per_s"]
-    figures["ratio_ptft_vs_hf_trainer"] = figures["ptft_tokens_per_s"] / figures["hf_trainer_tokens_per_s"]
-    print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
-    for name, key in (("ptft pretrain (Ray, 2 workers, ZeRO-2)", "ptft_tokens_per_s"), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
-                      ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"), ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s")):
-        print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
-
-
-def memory(dataset: Path, work: Path, figures: dict) -> None:
-    mem = run_zero_memory(dataset, work)
-    n = mem[0]["params"]
-    theory = {0: 16, 1: 4 + 4 + 8 / 2, 2: 4 + 12 / 2, 3: 16 / 2}
-    print(f"\nZeRO per-rank memory, {n / 1e6:.1f}M parameters, 2 ranks, after 2 steps: live tensor bytes (and RSS growth)")
-    print(f"{'stage':<6} {'tensors MB':>11} {'vs stage 0':>11} {'theory MB':>10} {'theory vs 0':>12} {'RSS MB':>8}")
-    for stage, r in mem.items():
-        print(f"{stage:<6} {r['tensor_mb']:>11.0f} {r['tensor_mb'] / mem[0]['tensor_mb']:>11.2f} {n * theory[stage] / 2**20:>10.0f} {theory[stage] / 16:>12.2f} {r['rss_growth_mb']:>8.0f}")
-        figures[f"zero{stage}_rank_memory_mb"] = r["tensor_mb"]
-        figures[f"zero{stage}_rank_rss_growth_mb"] = r["rss_growth_mb"]
-    figures["ratio_zero3_vs_zero0_memory"] = mem[3]["tensor_mb"] / mem[0]["tensor_mb"]
-    figures["memory_model_params"] = n
 
 
 if __name__ == "__main__":
