@@ -192,3 +192,13 @@ def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
     assert {"loss.png", "lr.png", "tokens_per_s.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png"} <= {p.name for p in made["plots"]}
     assert any(p.name.startswith("confusion_") and "lora" in p.name for p in made["plots"])
     assert "test_accuracy" in made["html"].read_text()
+
+
+def test_a_failing_finetune_job_does_not_stop_the_others(tmp_path, stage2_export, ray_session):
+    _, pre = stage2_export
+    good = C.load("finetune", "finetune_tiny", [f"base_model={pre['artifacts']['hf_model']}", "name=good", "optim.max_steps=10", "scaling.cpus_per_worker=0.5", f"run_dir={tmp_path / 'good'}"])
+    bad = C.load("finetune", "finetune_tiny", [f"base_model={tmp_path / 'no_model_here'}", "name=bad", "optim.max_steps=10", "scaling.cpus_per_worker=0.5", f"run_dir={tmp_path / 'bad'}"])
+    good, bad = jobs._resolve_finetune(good), jobs._resolve_finetune(bad)
+    results = jobs.run_finetune_jobs([good, bad])
+    assert results["good"]["metrics"]["status"] == "ok" and results["good"]["metrics"]["num_test_examples"] == 500
+    assert results["bad"]["metrics"]["status"] == "failed" and "no_model_here" in results["bad"]["error"]
