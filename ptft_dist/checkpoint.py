@@ -71,11 +71,17 @@ def read_state(directory: str | Path, rank: int = 0) -> dict[str, Any]:
 FROZEN_ON_RESUME = {"model": None, "zero": ("stage",), "optim": ("global_batch_size", "micro_batch_size_per_rank", "seed"), "data": ("dataset_dir", "num_loader_workers")}
 
 
-def check_compatible(directory: str | Path, current: dict[str, Any]) -> None:
-    """Refuse to resume with a config whose model, ZeRO stage, batch or data differ from the
-    checkpoint's, naming the first field that differs."""
+def check_compatible(directory: str | Path, current: dict[str, Any], world_size: int) -> None:
+    """Refuse to resume on another world size, or with a config whose model, ZeRO stage,
+    batch or data differ from the checkpoint's, naming the first field that differs."""
     import yaml
 
+    written_by = read_state(directory, 0)["world_size"]
+    if written_by != world_size:
+        raise ValueError(
+            f"checkpoint {directory} was written by {written_by} ranks, this run has {world_size}; "
+            "resume with the same scaling.num_workers, or start a new run from an export (model.init_from)"
+        )
     saved_file = Path(directory, "config.yaml")
     if not saved_file.is_file():
         return

@@ -102,7 +102,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     # 1. validate (a resumed run must match its checkpoint) and set up the process group
     cfg.check()
     if resume_dir:
-        checkpoint.check_compatible(resume_dir, _plain(cfg))
+        checkpoint.check_compatible(resume_dir, _plain(cfg), world.world_size)
     engine_lib.init_distributed(world, cfg.scaling)
     torch.manual_seed(cfg.optim.seed)
     run_dir = Path(cfg.run_dir)
