@@ -226,11 +226,12 @@ class _Encoder:
     """Encodes batches in order with ``num_proc`` processes, at most a few batches in flight.
 
     The first batch is encoded in this process; only an input of more than one batch starts
-    the processes (start-up would cost more than it saves). They are forked where the
-    platform allows: a spawned process would re-import the caller's modules (torch, Ray...),
-    seconds per process. The fork happens with TOKENIZERS_PARALLELISM=false, so the children
-    run the tokenizer single-threaded (one process per core) and no thread pool is copied in
-    use."""
+    the processes (start-up would cost more than it saves). They come from a fork server
+    where the platform has one: a clean process started for the purpose, with this module
+    preloaded, forks them. Forking the caller directly deadlocked when the caller had threads
+    of its own (an in-process Ray session); spawning would re-import the caller's modules
+    (torch, Ray...), seconds per process. The children run with TOKENIZERS_PARALLELISM=false:
+    the tokenizer single-threaded, one process per core."""
 
     def __init__(self, tokenizer_json: Path, sep_id: int, num_proc: int):
         self.num_proc, self.args = num_proc, (str(tokenizer_json), sep_id)
@@ -240,7 +241,9 @@ class _Encoder:
 
     def _start(self) -> None:
         methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload([__name__])
         if ctx.get_start_method() == "spawn":
             self.first_pooled = PROCESSES_AFTER_BATCHES  # encode here while they start
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
