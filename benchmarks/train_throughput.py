@@ -101,6 +101,16 @@ def _mask(ids: torch.Tensor, manifest: dict, seed: int):
     return mask_tokens(ids, mlm_probability=MLM_P, mask_id=sp["mask"], vocab_size=manifest["vocab_size"], special_ids=[sp["cls"], sp["sep"], sp["pad"]], generator=torch.Generator().manual_seed(seed))
 
 
+def _timed_step(model, opt, inputs: torch.Tensor, labels: torch.Tensor, started: float) -> float:
+    """One AdamW step with clipping, the same in every hand-written loop; returns its seconds."""
+    loss = model(input_ids=inputs, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
 def run_plain(dataset: Path, steps: int, warmup: int) -> float:
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -111,12 +121,7 @@ def run_plain(dataset: Path, steps: int, warmup: int) -> float:
     for step in range(steps):
         t = time.perf_counter()
         inputs, labels = _mask(data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH], manifest, step)
-        loss = model(input_ids=inputs, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
+        times.append(_timed_step(model, opt, inputs, labels, t))
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
 
 
@@ -143,12 +148,7 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, out:
         t = time.perf_counter()
         lo = step * GLOBAL_BATCH + rank * micro
         inputs, labels = _mask(data[lo : lo + micro], manifest, step * world + rank)
-        loss = ddp(input_ids=inputs, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
+        times.append(_timed_step(ddp, opt, inputs, labels, t))
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
