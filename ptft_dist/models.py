@@ -93,6 +93,8 @@ def build_mlm(cfg: ModelConfig, hf_config: PretrainedConfig) -> torch.nn.Module:
         model = AutoModelForMaskedLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
     else:
         model = AutoModelForMaskedLM.from_config(hf_config, attn_implementation="sdpa")
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model.config.model_type in MLM_HEAD:
         return MaskedOnlyMLM(model)
     return model  # ModernBERT: sparse_prediction does the same inside transformers

@@ -32,3 +32,23 @@ def test_flops_per_token_counts_the_encoder():
     flops = models.flops_per_token(hf, seq_len=128, mask_fraction=0.15)
     # BERT-base: 85M non-embedding parameters -> ~6 x 85M = 510M, plus attention and head
     assert 5.1e8 < flops < 5.6e8
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(family=family, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64, activation_checkpointing=on)
+        model = models.build_mlm(cfg, models.mlm_config(cfg, vocab_size=100, special_ids=SPECIAL)).train()
+        inner, _ = models.unwrap(model)
+        assert inner.is_gradient_checkpointing is on
+        ids = torch.randint(5, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+        labels = torch.where(torch.arange(16) % 4 == 0, ids, -100)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == len(grads[1][1])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
