@@ -1,9 +1,9 @@
 """``ptft``: the command line.
 
     ptft data build [--config FILE|PRESET] [--run-dir DIR] [--dry-run] [section.field=value ...]
-    ptft pretrain   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
-    ptft finetune   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
-    ptft pipeline   [--config ...] [--run-dir DIR] [--address ADDR] [--dry-run] [overrides ...]
+    ptft pretrain   [--config ...] [--run-dir DIR] [--address ADDR] [--ray-logs] [--dry-run] [overrides ...]
+    ptft finetune   [--config ...] [--run-dir DIR] [--address ADDR] [--ray-logs] [--dry-run] [overrides ...]
+    ptft pipeline   [--config ...] [--run-dir DIR] [--address ADDR] [--ray-logs] [--dry-run] [overrides ...]
     ptft report     RUN_DIR [RUN_DIR ...] [--out DIR]
     ptft presets
 
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dry-run", action="store_true", help="print the resolved config, the batch arithmetic and the DeepSpeed JSON; start nothing")
         if ray:
             sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster in this process)")
+            sp.add_argument("--ray-logs", action="store_true", help="show the workers' and Ray's own log lines here, not only ptft's progress lines (or PTFT_RAY_LOGS=1)")
         sp.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides, e.g. optim.lr=3e-4 zero.stage=3")
 
     data = sub.add_parser("data", help="dataset commands")
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"hf_model: {summary['artifacts']['hf_model']} (step {summary['metrics']['step']})")
         return 0
+    if getattr(args, "ray_logs", False):
+        os.environ["PTFT_RAY_LOGS"] = "1"
     try:
         overrides = list(args.overrides)
         if args.run_dir:

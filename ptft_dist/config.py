@@ -96,6 +96,7 @@ class ModelConfig:
     max_position_embeddings: int = f(512, "Longest sequence the model accepts.")
     dropout: float = f(0.0, "Dropout in the encoder while training (0 is best for short pretraining runs).")
     init_from: str | None = f(None, "Local Hugging Face checkpoint to continue pretraining from; overrides the numbers above.")
+    activation_checkpointing: bool = f(False, "Recompute each layer's activations in the backward pass instead of keeping them: less activation memory for about a third more compute (for large models, long sequences or big micro batches).")
 
     def check(self, path: str) -> None:
         _positive(path, "hidden_size", self.hidden_size)
@@ -231,7 +232,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpoints.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
     eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
-    time_budget_s: float | None = f(None, "Stop after this many seconds of training (the schedule still spans max_steps), with a checkpoint and the export.")
+    time_budget_s: float | None = f(None, "Stop after this many seconds of training (counted across resumes), with a checkpoint and the export. The lr decay and the ETA then follow whichever ends first, max_steps or the budget, so a run sized by time decays to its end.")
     on_nonfinite_loss: Literal["raise"] = f("raise", "A NaN or infinite training loss on any rank stops the run with an error naming the step (every rank stops at the same step).")
     preemption_grace_s: float = f(120.0, "After SIGTERM to the driver, how long the workers have to write a checkpoint and stop before the driver exits anyway (exit code 75 either way: run the same command again to resume).")
     stop_at_step: int | None = f(None, "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again with the same run dir resumes from it.")
@@ -296,6 +297,7 @@ class FinetuneConfig:
     zero: ZeroConfig = f(factory=ZeroConfig, doc="DeepSpeed ZeRO.")
     scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
+    pooling: Literal["cls", "mean"] = f("cls", "What the classifier reads: the first token's vector (`cls`) or the mean over the tokens (`mean`, ModernBERT models only).")
     eval_every_steps: int = f(0, "Evaluate on the validation split every this many steps and keep the best weights for testing (0: once, at the end).")
     metric: Literal["accuracy", "macro_f1"] = f("accuracy", "Validation metric that picks the best checkpoint and drives early stopping.")
     early_stopping_patience: int = f(0, "Stop after this many evaluations without improvement (0: never).")

@@ -80,8 +80,12 @@ def model_init_context(ds: dict[str, Any]):
         del keep
 
 
-def lr_lambda(optim: OptimConfig):
-    """Warmup then linear / cosine / constant decay to ``min_lr_ratio``, as a factor of lr."""
+def lr_lambda(optim: OptimConfig, clock: dict | None = None):
+    """Warmup then linear / cosine / constant decay to ``min_lr_ratio``, as a factor of lr.
+
+    With a ``clock`` (a dict whose ``"progress"`` the training loop keeps at the share of a
+    time budget spent), the decay follows whichever ends first: ``max_steps`` or the budget.
+    """
 
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
@@ -89,7 +93,7 @@ def lr_lambda(optim: OptimConfig):
         if optim.schedule == "constant":
             return 1.0
         span = max(1, optim.max_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
+        progress = min(1.0, max((step - optim.warmup_steps) / span, clock["progress"] if clock else 0.0))
         decay = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
 
@@ -107,15 +111,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: torch.nn.Module, optim: OptimConfig, ds: dict[str, Any]):
-    """The DeepSpeed engine with AdamW (weight-decay exclusions) and the lr schedule."""
+def initialize(model: torch.nn.Module, optim: OptimConfig, ds: dict[str, Any], clock: dict | None = None):
+    """The DeepSpeed engine with AdamW (weight-decay exclusions) and the lr schedule
+    (``clock``: see :func:`lr_lambda`)."""
     import deepspeed
 
     groups = param_groups(model, optim.weight_decay)
     optimizer = None
     if "optimizer" not in ds:  # offload configs let DeepSpeed build its CPU Adam
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=1e-8)
-    schedule = lr_lambda(optim)
+    schedule = lr_lambda(optim, clock)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=groups,

@@ -92,6 +92,11 @@ def _resolve_pretrain(cfg: PretrainConfig, *, check_data: bool = True) -> Pretra
 def _resolve_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     from .data.labeled import resolve_task
 
+    base_config = Path(cfg.base_model or "", "config.json")
+    if cfg.pooling != "cls" and base_config.is_file():  # said before any worker starts
+        from .recipes.finetune import pooling_kwargs
+
+        pooling_kwargs(json.loads(base_config.read_text()).get("model_type", "?"), cfg.pooling, cfg.base_model)
     return dataclasses.replace(cfg, run_dir=_abs(cfg.run_dir), base_model=_abs(cfg.base_model), task=resolve_task(cfg.task, cfg.run_dir))
 
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import progress
 from .config import ConfigError, ScalingConfig, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"env_vars": _env_vars(use_gpu)}
-    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
+    # The driver prints compact progress lines (progress.Monitor); the workers' and Ray's own
+    # lines stay in the session's log files unless PTFT_RAY_LOGS=1 (`ptft --ray-logs`).
+    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=ray_logs(), logging_level=logging.WARNING, configure_logging=True)
     if address:
         log.info("joining the Ray cluster at %s", address)
         try:
@@ -77,6 +80,28 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
         yield
     finally:
         ray.shutdown()
+
+
+def ray_logs() -> bool:
+    """Whether the workers' and Ray's log lines come to the driver's console."""
+    return os.environ.get("PTFT_RAY_LOGS", "") not in ("", "0", "false")
+
+
+def _waiting(scaling: ScalingConfig):
+    """What a job that has not started yet waits for: None, or a sentence about resources."""
+    import ray
+    import ray.util
+
+    def waiting() -> str | None:
+        pending = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
+        if not pending:
+            return None
+        free = ray.available_resources()
+        gpus = f", {free.get('GPU', 0):g} GPU" if scaling.use_gpu else ""
+        return (f"{scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU{' + 1 GPU' if scaling.use_gpu else ''}; "
+                f"free now: {free.get('CPU', 0):g} CPU{gpus} ({len(pending)} placement group(s) pending)")
+
+    return waiting
 
 
 def check_resources(scaling: ScalingConfig, section: str = "") -> None:
@@ -156,10 +181,25 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
         ),
     )
+    label = f"{name}[{cfg.name}]" if recipe == "finetune" else name
+    monitor = progress.Monitor(cfg.run_dir, label, max_steps=cfg.optim.max_steps, time_budget_s=getattr(cfg, "time_budget_s", None), waiting=_waiting(cfg.scaling))
+    if not ray_logs():
+        log.info("%s: %d workers; their logs: %s (PTFT_RAY_LOGS=1 or --ray-logs shows them here)", name, cfg.scaling.num_workers, _log_dir())
     try:
-        return trainer.fit()
+        with monitor:
+            return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"{recipe} failed on the workers: {_root_cause(str(e))}") from e
+
+
+def _log_dir() -> str:
+    """The Ray session's log directory on the head (where the workers' output goes)."""
+    try:
+        import ray
+
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")  # local session
+    except Exception:
+        return "the Ray dashboard's Logs page, or `ray job logs` for a submitted job"
 
 
 class TrainingError(RuntimeError):

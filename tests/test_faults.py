@@ -92,6 +92,8 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_the_same_command_resumes(tmp_p
         proc.kill()
     assert proc.returncode == 75, out[-3000:]
     assert "run the same command again to resume" in out
+    # the console has the driver's compact progress lines, not the workers' raw log lines
+    assert "pretrain | step 5/60 | loss" in out and "RayTrainWorker" not in out, out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     stopped_at = summary["metrics"]["steps"]
     assert summary["metrics"]["completed"] is False and summary["metrics"]["preempted"] is True and 5 <= stopped_at < 60

@@ -121,6 +121,15 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Sp
     return names, train, validation, test
 
 
+def pooling_kwargs(family: str, pooling: str, where) -> dict:
+    """Config overrides that make the classifier pool the way ``pooling`` says."""
+    if family == "modernbert":
+        return {"classifier_pooling": pooling}
+    if pooling != "cls":
+        raise DataError(f"pooling: {pooling!r} needs a ModernBERT model; {where} is a {family} model, whose classifier reads the first token (use pooling: cls)")
+    return {}
+
+
 def build_model(cfg: FinetuneConfig, names: list[str], ds: dict):
     """The classifier on the base model, with what trains chosen by ``cfg.peft.method``."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
@@ -132,7 +141,7 @@ def build_model(cfg: FinetuneConfig, names: list[str], ds: dict):
     family = models.family_of(AutoConfig.from_pretrained(str(base)))
     with engine_lib.model_init_context(ds):
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, attn_implementation="sdpa"
+            str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, attn_implementation="sdpa", **pooling_kwargs(family, cfg.pooling, base)
         )
     head = models.HEAD_MODULES[family]
     method = cfg.peft.method
@@ -297,6 +306,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                 engine.module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(out_dir)
             (out_dir / "labels.json").write_text(json.dumps(names))
+            (out_dir / "classifier.json").write_text(json.dumps({"pooling": cfg.pooling}))
         barrier()
         if not world.is_rank_zero:
             return None
@@ -343,12 +353,16 @@ def load_classifier(model_dir: str | Path):
         raise DataError(f"{model_dir} has no labels.json: it is not an adapter or model written by `ptft finetune`")
     names = json.loads(labels_file.read_text())
     kw = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    head_file = model_dir / "classifier.json"
+    pooling = json.loads(head_file.read_text())["pooling"] if head_file.is_file() else "cls"
     if (model_dir / "adapter_config.json").is_file():
         from peft import PeftModel
+        from transformers import AutoConfig
 
         base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         if not Path(base).is_dir():
             raise DataError(f"{model_dir}: its base model {base} is not a directory here")
+        kw.update(pooling_kwargs(models.family_of(AutoConfig.from_pretrained(base)), pooling, base))
         model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, **kw), str(model_dir))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)

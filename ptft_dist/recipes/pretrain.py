@@ -45,11 +45,13 @@ OnCheckpoint = Callable[[str, dict], None]
 STOP_FILE = "STOP"  # its presence in the run dir asks the workers to checkpoint and stop
 
 
-def _heartbeat(run_dir: Path, world: World, step: int) -> None:
-    """``progress/rank<r>.json``: this rank's pid and step, for monitoring and fault tests."""
+def _heartbeat(run_dir: Path, world: World, step: int, phase: str = "train") -> None:
+    """``progress/rank<r>.json``: this rank's pid, step and phase (train, eval, checkpoint,
+    export), for the driver's progress lines, monitoring and fault tests."""
     path = run_dir / "progress" / f"rank{world.rank}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "time": time.time()}))
+    now = time.time()
+    tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "time": now, "phase": phase, "phase_since": now}))
     os.replace(tmp, path)
 
 
@@ -131,16 +133,20 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             raise DataError(f"dataset seq_len {seq_len} > model.max_position_embeddings {hf_config.max_position_embeddings}")
         with engine_lib.model_init_context(ds):
             model = models.build_mlm(cfg.model, hf_config)
-        engine = engine_lib.initialize(model, cfg.optim, ds)
+        clock = {"progress": 0.0}  # share of time_budget_s spent, shared by rank 0 every step
+        engine = engine_lib.initialize(model, cfg.optim, ds, clock if cfg.time_budget_s else None)
         if world.is_rank_zero:
             log.info("%s: %s parameters; %s; ZeRO stage %d", type(model).__name__, f"{models.num_params(model):,}", batch_arithmetic(cfg.optim, cfg.scaling, seq_len), cfg.zero.stage)
 
         # 4. resume
-        step, samples_seen = 0, 0
+        step, samples_seen, prior_time = 0, 0, 0.0
         position = new_position(max(1, cfg.data.num_loader_workers), world_size=world.world_size)
         if resume_dir:
             state = checkpoint.load(engine, resume_dir, world)
             step, samples_seen, position = state["step"], state["samples_seen"], state["data_position"]
+            prior_time = state.get("train_time_s", 0.0)
+            if cfg.time_budget_s:
+                clock["progress"] = prior_time / cfg.time_budget_s
 
         # 5. data: this rank's stream, and the fixed held-out set with fixed masks
         stream = ShardStream(
@@ -160,12 +166,13 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         peak_tflops = engine_lib.peak_tflops(cfg.scaling, cfg.peak_tflops_per_rank)
         start_time = last_time = last_save = time.perf_counter()
         start_step, paused, preempted = step, False, False
+        train_time = prior_time  # seconds trained, this run and the ones it resumed
         last_step, loss_acc, loss_n = step, 0.0, 0
         eval_metrics: dict[str, float] = {}
         config_yaml = dump_yaml(cfg)
 
         def save(tag_step: int, metrics: dict) -> None:
-            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "wandb_run_id": tracker.run_id}
+            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "wandb_run_id": tracker.run_id, "train_time_s": train_time}
             if on_checkpoint is None:
                 checkpoint.save(engine, run_dir / "checkpoints" / f"step_{tag_step:08d}", world, train_state, config_yaml)
                 return
@@ -205,11 +212,14 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             # Clock-based decisions are rank 0's, shared in one small all-reduce so that every
             # rank stops and saves at the same step.
             now = time.perf_counter()
-            out_of_time = cfg.time_budget_s is not None and now - start_time > cfg.time_budget_s
+            out_of_time = cfg.time_budget_s is not None and prior_time + now - start_time > cfg.time_budget_s
             save_due = cfg.checkpoint.every_minutes > 0 and now - last_save > 60 * cfg.checkpoint.every_minutes
             preempted = (run_dir / STOP_FILE).exists()
-            flags = all_reduce_sum([float(out_of_time and world.is_rank_zero), float(save_due and world.is_rank_zero), float(preempted and world.is_rank_zero), float(nonfinite)])
-            out_of_time, save_due, preempted = flags[0] > 0, flags[1] > 0, flags[2] > 0
+            zero = world.is_rank_zero
+            flags = all_reduce_sum([float(out_of_time and zero), float(save_due and zero), float(preempted and zero), float(nonfinite), (prior_time + now - start_time) * zero])
+            out_of_time, save_due, preempted, train_time = flags[0] > 0, flags[1] > 0, flags[2] > 0, flags[4]
+            if cfg.time_budget_s:
+                clock["progress"] = min(1.0, train_time / cfg.time_budget_s)
             if flags[3] > 0:  # every rank sees it at the same step and stops
                 raise FloatingPointError(f"step {step}: the training loss is not finite on {int(flags[3])} of {world.world_size} ranks (NaN or inf); lower optim.lr or check the data")
             # stop_at_step pauses a run that started before it; the resumed run goes on
@@ -232,24 +242,30 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                     "epoch": max(e for e, _ in position["slots"]),
                     "peak_memory_mb": all_reduce_max([engine_lib.peak_memory_mb(cfg.scaling)])[0],
                     "data_skipped_samples": all_reduce_sum([stream.num_skipped_samples])[0],
+                    "train_time_s": train_time,
                 }
                 if peak_tflops:
                     metrics["mfu"] = tokens_per_s * flops_per_token / (peak_tflops * 1e12 * world.world_size)
+                eta = (cfg.optim.max_steps - step) * metrics["step_time_s"]
+                if cfg.time_budget_s:
+                    eta = min(eta, max(0.0, cfg.time_budget_s - train_time))
+                metrics["eta_s"] = eta
                 tracker.log(metrics, step)
                 if world.is_rank_zero:
-                    eta = (cfg.optim.max_steps - step) * metrics["step_time_s"]
                     log.info("step %d/%d | loss %.3f | lr %.2e | %.0f tok/s | ETA %.0fs", step, cfg.optim.max_steps, metrics["train_loss"], metrics["lr"], metrics["tokens_per_s"], eta)
                 last_step, last_time, loss_acc, loss_n = step, now, 0.0, 0
 
             if step % cfg.eval_every_steps == 0 or last:
+                _heartbeat(run_dir, world, step, "eval")
                 eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
-                tracker.log(eval_metrics, step)
+                tracker.log(dict(eval_metrics, train_time_s=train_time), step)
                 if world.is_rank_zero:
                     log.info("step %d eval | mlm loss %.3f | masked-token accuracy %.3f", step, eval_metrics["eval_mlm_loss"], eval_metrics["eval_mlm_accuracy"])
 
             if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or save_due or last:
                 if world.is_rank_zero and not last:
                     log.info("step %d: writing a checkpoint", step)
+                _heartbeat(run_dir, world, step, "checkpoint")
                 save(step, {"step": step, **eval_metrics})
                 last_save = time.perf_counter()
             if out_of_time or paused:
@@ -269,6 +285,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             return None
 
         # 7. export the consolidated weights
+        _heartbeat(run_dir, world, step, "export")
         state_dict = engine_lib.full_state_dict(engine)
         export_dir = run_dir / "export"
         if world.is_rank_zero:
