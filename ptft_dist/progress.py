@@ -43,7 +43,8 @@ class Monitor:
     """Follows a run directory from the driver; ``start()`` / ``stop()`` or a ``with`` block.
 
     ``waiting()`` returns a description of what the cluster cannot give yet (or None); it is
-    asked only while no worker has started. ``say`` receives every line (default: the log).
+    asked while no worker has started, and while the heartbeat is stale (workers lost and
+    being replaced). ``say`` receives every line (default: the log).
     """
 
     def __init__(self, run_dir: str | Path, name: str, *, max_steps: int, time_budget_s: float | None = None,
@@ -97,7 +98,9 @@ class Monitor:
             self._seen_worker = True
             self._phase(beat)
         now = time.time()
-        if not self._seen_worker and self.waiting is not None and now - self._last_wait_notice >= self.wait_notice_s:
+        # before the workers start, and while they are gone (a lost node, a restart)
+        idle = not self._seen_worker or (beat is not None and now - beat.get("time", now) > max(self.wait_notice_s, 10.0))
+        if idle and self.waiting is not None and now - self._last_wait_notice >= self.wait_notice_s:
             what = self.waiting()
             if what:
                 self.say(f"{self.name} | waiting {duration(now - self._started_at)} for cluster resources: {what}")

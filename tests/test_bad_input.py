@@ -4,12 +4,14 @@ never a hang. docs/reliability.md lists every case and the test that proves it."
 
 import gzip
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ptft_dist import config as C
 from ptft_dist import jobs
@@ -113,6 +115,26 @@ def test_nonfinite_loss_stops_with_the_step_named(tiny_dataset, tmp_path, ray_se
     cfg = C.load("pretrain", "pretrain_tiny", [f"data.dataset_dir={tiny_dataset}", "optim.lr=1e30", "optim.warmup_steps=0", "optim.max_steps=20", f"run_dir={tmp_path / 'r'}", *TINY])
     with pytest.raises(RuntimeError, match=r"step \d+: the training loss is not finite"):
         jobs.pretrain(cfg)
+
+
+@pytest.mark.dist
+def test_nonfinite_loss_skip_drops_the_steps_update_and_goes_on(tiny_dataset, tmp_path, ray_session):
+    from safetensors.torch import load_file
+
+    # constant lr: steps 1-2 are the same in both runs, and the bad step 3 must move nothing
+    common = [f"data.dataset_dir={tiny_dataset}", "optim.schedule=constant", "optim.warmup_steps=0", "tracking.log_every_steps=1", *TINY]
+    jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "optim.max_steps=2", f"run_dir={tmp_path / 'two'}"]))
+    summary = jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "optim.max_steps=3", "on_nonfinite_loss=skip", "inject_nonfinite_at_steps=[3]", f"run_dir={tmp_path / 'skip'}"]))
+    assert summary["metrics"]["completed"] is True and summary["metrics"]["nonfinite_skipped_steps"] == 1
+    two, skipped = load_file(str(tmp_path / "two" / "export" / "model.safetensors")), load_file(str(tmp_path / "skip" / "export" / "model.safetensors"))
+    for k in two:
+        assert torch.equal(two[k], skipped[k]), f"{k} moved in the skipped step"
+    rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line]
+    assert [r["nonfinite_skipped_steps"] for r in rows] == [0, 0, 1] and all(math.isfinite(r["train_loss"]) for r in rows[:2])
+
+    # a run that only ever sees bad steps gives up, naming the step
+    with pytest.raises(RuntimeError, match=r"step 10: the training loss was not finite for 10 steps in a row"):
+        jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "optim.max_steps=12", "on_nonfinite_loss=skip", f"inject_nonfinite_at_steps=[{','.join(map(str, range(1, 13)))}]", f"run_dir={tmp_path / 'all'}"]))
 
 
 @pytest.mark.dist

@@ -79,6 +79,33 @@ def test_sigkill_of_a_worker_restarts_from_the_checkpoint_and_loses_nothing(tmp_
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
 
 
+def test_a_lost_node_is_waited_for_and_the_run_resumes_losing_nothing(tmp_path, tiny_dataset):
+    """ray.cluster_utils.Cluster in its own process (tests/_node_loss_pretrain.py): the node
+    holding a worker is removed at step 12, a new one is added 25 s later."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ptft-nl-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    try:
+        r = subprocess.run([sys.executable, Path(__file__).parent / "_node_loss_pretrain.py", tiny_dataset, tmp_path], env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"exit {r.returncode}\n{out[-8000:]}"
+    result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+    assert result["lost"]["metrics"]["completed"] is True and result["lost"]["metrics"]["steps"] == 30
+    assert result["pids_before"] != result["pids_after"], "the worker group was restarted"
+    assert "for cluster resources" in out, "the wait for a new node was not said"
+    for rank in (0, 1):
+        a, b = _committed_ledger(tmp_path / "straight", rank), _committed_ledger(tmp_path / "lost", rank)
+        assert sorted(b) == list(range(1, 31)) and a == b, f"rank {rank} trained on other samples after the node loss"
+    wa, wb = _weights(tmp_path / "straight"), _weights(tmp_path / "lost")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
 def test_sigterm_writes_a_checkpoint_exits_75_and_the_same_command_resumes(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "ptft_dist.cli", "pretrain", "--config", "pretrain_tiny", "--run-dir", str(run_dir), f"data.dataset_dir={tiny_dataset}", "optim.max_steps=60", "tracking.log_every_steps=1", *TINY]

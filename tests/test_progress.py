@@ -76,3 +76,16 @@ def test_slow_checkpoints_and_resource_waits_are_said(tmp_path):
     mon.poll()
     assert len(asked) == 1
     assert said[1:] == ["finetune[b] | step 200: writing a checkpoint (3s so far)"]
+
+
+def test_workers_gone_quiet_make_the_wait_said_again(tmp_path):
+    said = []
+    mon = Monitor(tmp_path, "pretrain", max_steps=10, waiting=lambda: "2 workers x 1 CPU; free now: 1 CPU", say=said.append, wait_notice_s=0.0)
+    (tmp_path / "progress").mkdir()
+    beat = tmp_path / "progress" / "rank0.json"
+    beat.write_text(json.dumps({"pid": 1, "step": 12, "time": time.time(), "phase": "train"}))
+    mon.poll()
+    assert said == []  # training: nothing to say
+    beat.write_text(json.dumps({"pid": 1, "step": 12, "time": time.time() - 15, "phase": "train"}))  # a node was lost
+    mon.poll()
+    assert len(said) == 1 and "for cluster resources: 2 workers x 1 CPU; free now: 1 CPU" in said[0]

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 OnCheckpoint = Callable[[str, dict], None]
 
 
+MAX_CONSECUTIVE_SKIPS = 10  # on_nonfinite_loss: skip gives up after this many bad steps in a row
 STOP_FILE = "STOP"  # its presence in the run dir asks the workers to checkpoint and stop
 
 
@@ -172,7 +173,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         config_yaml = dump_yaml(cfg)
 
         def save(tag_step: int, metrics: dict) -> None:
-            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "wandb_run_id": tracker.run_id, "train_time_s": train_time}
+            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "wandb_run_id": tracker.run_id, "train_time_s": train_time, "nonfinite_skipped_steps": skipped_steps}
             if on_checkpoint is None:
                 checkpoint.save(engine, run_dir / "checkpoints" / f"step_{tag_step:08d}", world, train_state, config_yaml)
                 return
@@ -181,6 +182,14 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 barrier()
                 on_checkpoint(tmp, metrics)
 
+        # on_nonfinite_loss: skip zeroes the gradients of a bad micro batch as they are made
+        skip_nonfinite = cfg.on_nonfinite_loss == "skip"
+        sanitize = {"on": False}
+        skipped_steps, consecutive_skips = (state.get("nonfinite_skipped_steps", 0) if resume_dir else 0), 0
+        if skip_nonfinite:
+            for p in engine.module.parameters():
+                if p.requires_grad:
+                    p.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) if sanitize["on"] else g)
         (run_dir / "progress").mkdir(parents=True, exist_ok=True)
         ledger = None
         if cfg.data.ledger:
@@ -198,12 +207,28 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 gen = torch.Generator().manual_seed(((cfg.optim.seed * 1_000_003 + world.rank) * 1_000_003 + step) * 64 + micro)
                 inputs, labels = mask_tokens(ids, generator=gen, **mask_args)
                 out = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device))
-                engine.backward(out.loss)
+                loss = out.loss
+                if step + 1 in cfg.inject_nonfinite_at_steps and world.is_rank_zero and micro == 0:
+                    loss = loss * float("nan")  # fault simulation (tests, drills)
+                loss_value = loss.item()
+                bad = not math.isfinite(loss_value)
+                if skip_nonfinite:
+                    # every rank learns before its backward whether any rank's loss is bad
+                    bad = all_reduce_sum([float(bad)])[0] > 0
+                    sanitize["on"] = bad
+                engine.backward(loss)
+                sanitize["on"] = False
+                nonfinite = nonfinite or bad
+                if skip_nonfinite and nonfinite and micro == accum - 1:
+                    # skip the update: the bad gradients were zeroed, and lr 0 keeps AdamW
+                    # (and its weight decay) from moving any weight; the scheduler sets the
+                    # lr of the next step again
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = 0.0
                 engine.step()
-                loss_value = out.loss.item()
-                nonfinite = nonfinite or not math.isfinite(loss_value)
-                loss_acc += loss_value
-                loss_n += 1
+                if not bad:
+                    loss_acc += loss_value
+                    loss_n += 1
             step += 1
             samples_seen += cfg.optim.global_batch_size
             if ledger is not None:
@@ -220,7 +245,15 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             out_of_time, save_due, preempted, train_time = flags[0] > 0, flags[1] > 0, flags[2] > 0, flags[4]
             if cfg.time_budget_s:
                 clock["progress"] = min(1.0, train_time / cfg.time_budget_s)
-            if flags[3] > 0:  # every rank sees it at the same step and stops
+            consecutive_skips = consecutive_skips if flags[3] > 0 else 0
+            if flags[3] > 0 and skip_nonfinite:
+                skipped_steps += 1
+                consecutive_skips += 1
+                if world.is_rank_zero:
+                    log.warning("step %d: the training loss is not finite (NaN or inf); the step's update is skipped (%d skipped so far)", step, skipped_steps)
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise FloatingPointError(f"step {step}: the training loss was not finite for {consecutive_skips} steps in a row (on_nonfinite_loss: skip gives up after {MAX_CONSECUTIVE_SKIPS}); lower optim.lr or check the data")
+            elif flags[3] > 0:  # every rank sees it at the same step and stops
                 raise FloatingPointError(f"step {step}: the training loss is not finite on {int(flags[3])} of {world.world_size} ranks (NaN or inf); lower optim.lr or check the data")
             # stop_at_step pauses a run that started before it; the resumed run goes on
             paused = (cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps) or (preempted and step < cfg.optim.max_steps)
@@ -242,6 +275,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                     "epoch": max(e for e, _ in position["slots"]),
                     "peak_memory_mb": all_reduce_max([engine_lib.peak_memory_mb(cfg.scaling)])[0],
                     "data_skipped_samples": all_reduce_sum([stream.num_skipped_samples])[0],
+                    "nonfinite_skipped_steps": skipped_steps,
                     "train_time_s": train_time,
                 }
                 if peak_tflops:
@@ -293,7 +327,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         barrier()
         if not world.is_rank_zero:
             return None
-        summary_metrics = dict(eval_metrics, data_skipped_samples=skipped, steps=step, completed=True, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
+        summary_metrics = dict(eval_metrics, data_skipped_samples=skipped, nonfinite_skipped_steps=skipped_steps, steps=step, completed=True, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
         write_summary(run_dir, summary_metrics, {"hf_model": str(export_dir.resolve()), "dataset": str(Path(dataset_dir).resolve())})
         return {"metrics": summary_metrics, "artifacts": {"hf_model": str(export_dir.resolve())}}
     finally:
