@@ -53,11 +53,34 @@ def save(engine, directory: str | Path, world: World, train_state: dict[str, Any
     torch.save(_rng_state(), out / f"rng_rank{world.rank}.pt")
     if world.is_rank_zero:
         (out / "config.yaml").write_text(config_yaml)
-    state = dict(train_state, version=VERSION, world_size=world.world_size, rank=world.rank)
+    # the sizes of this rank's files: a copy cut short (a full disk) is seen as incomplete
+    files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and _owned(p.name, world.rank)}
+    state = dict(train_state, version=VERSION, world_size=world.world_size, rank=world.rank, files=files)
     tmp = out / f"train_state_rank{world.rank}.json.tmp"
     tmp.write_text(json.dumps(state))
     tmp.replace(out / f"train_state_rank{world.rank}.json")  # last: marks this rank's part complete
     return out
+
+
+def _owned(name: str, rank: int) -> bool:
+    """Whether a checkpoint file is written by ``rank`` (DeepSpeed names shards by rank)."""
+    if f"pp_rank_{rank}_" in name or name == f"rng_rank{rank}.pt":
+        return True
+    return rank == 0 and (name == "config.yaml" or (name.endswith(".pt") and "pp_rank_" not in name and not name.startswith("rng_rank")))
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Every rank's train state is there, and every file it lists has the size it had."""
+    folder = Path(folder)
+    try:
+        world_size = json.loads((folder / "train_state_rank0.json").read_text())["world_size"]
+        for r in range(world_size):
+            state = json.loads((folder / f"train_state_rank{r}.json").read_text())
+            if any((folder / rel).stat().st_size != size for rel, size in state.get("files", {}).items()):
+                return False
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
 
 
 def read_state(directory: str | Path, rank: int = 0) -> dict[str, Any]:
@@ -141,11 +164,11 @@ def consolidated_state_dict(directory: str | Path, zero_stage: int) -> dict[str,
 
 def latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (a Ray Train run folder, or a folder of
-    checkpoints); incomplete ones (a rank's train state missing) are skipped."""
+    checkpoints); incomplete ones (a rank's train state missing, or a file shorter than
+    when it was written) are skipped."""
     candidates = []
     for ckpt in Path(root).rglob("train_state_rank0.json"):
         folder = ckpt.parent
-        state = json.loads(ckpt.read_text())
-        if all((folder / f"train_state_rank{r}.json").is_file() for r in range(state["world_size"])):
-            candidates.append((state["step"], folder.stat().st_mtime, folder))
+        if is_complete(folder):
+            candidates.append((json.loads(ckpt.read_text())["step"], folder.stat().st_mtime, folder))
     return max(candidates)[2] if candidates else None

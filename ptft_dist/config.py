@@ -256,11 +256,14 @@ class TaskConfig:
     text_pair_column: str | None = f(None, "Second text column for text-pair tasks (entailment, paraphrase); the two are encoded as one [CLS] a [SEP] b [SEP] input.")
     label_column: str = f("label", "Column (or JSON field) with the label; any values, discovered from the training data.")
     max_length: int = f(64, "Tokens per example after truncation; batches pad to their longest example.")
+    train_examples: int | None = f(None, "Train on a seeded stratified sample of this many training examples (learning curves, low-data studies); empty: all of them. Validation and test splits are not affected.")
     validation_fraction: float = f(0.1, "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).")
     test_fraction: float = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
 
     def check(self, path: str) -> None:
         _positive(path, "max_length", self.max_length, minimum=4)
+        if self.train_examples is not None:
+            _positive(path, "train_examples", self.train_examples, minimum=2)
         if self.train_file is None and (self.test_file is not None or self.validation_file is not None):
             raise ConfigError(f"{path}.test_file / validation_file are set but {path}.train_file is not")
         for name in ("validation_fraction", "test_fraction"):

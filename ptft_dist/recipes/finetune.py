@@ -118,6 +118,9 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Sp
     elif task.validation_fraction > 0 and cfg.eval_every_steps > 0:
         keep, held = stratified_split(train.labels, task.validation_fraction, cfg.optim.seed + 2)
         train, validation = train.take(keep), train.take(held)
+    if task.train_examples is not None and task.train_examples < len(train.labels):
+        _, sample = stratified_split(train.labels, task.train_examples / len(train.labels), cfg.optim.seed + 3)
+        train = train.take(sample)
     return names, train, validation, test
 
 
