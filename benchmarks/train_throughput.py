@@ -1,6 +1,6 @@
 """Training throughput and ZeRO memory, side by side in one run.
 
-    python benchmarks/train_throughput.py [--steps 40] [--skip-memory]
+    python benchmarks/train_throughput.py [--steps 40] [--skip-memory] [--stages 2 0]
 
 Same model (ModernBERT masked LM, hidden 256, 4 layers, seq 128, vocab 8192), same data
 (WikiText-2 shards built here), same global batch (32 x 128 tokens), same masking (30%):
@@ -258,6 +258,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--stages", type=int, nargs="+", default=[2], help="ZeRO stages of the ptft rows; the first is the one the ratios use")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
     dataset = build_dataset(work)
@@ -276,12 +277,14 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
     from ptft_dist import launcher
 
     with launcher.session(num_cpus=2):
-        figures["ptft_tokens_per_s"] = run_ptft(dataset, work, a.steps, a.warmup)
+        for stage in a.stages:
+            figures[f"ptft_zero{stage}_tokens_per_s"] = run_ptft(dataset, work, a.steps, a.warmup, stage=stage)
+    figures["ptft_tokens_per_s"] = figures[f"ptft_zero{a.stages[0]}_tokens_per_s"]
     figures["ratio_ptft_vs_plain"] = figures["ptft_tokens_per_s"] / figures["plain_tokens_per_s"]
     figures["ratio_ptft_vs_ddp"] = figures["ptft_tokens_per_s"] / figures["ddp_tokens_per_s"]
     figures["ratio_ptft_vs_hf_trainer"] = figures["ptft_tokens_per_s"] / figures["hf_trainer_tokens_per_s"]
     print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
-    for name, key in (("ptft pretrain (Ray, 2 workers, ZeRO-2)", "ptft_tokens_per_s"), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
+    for name, key in (*((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
                       ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"), ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s")):
         print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
 
