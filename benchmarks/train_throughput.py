@@ -1,6 +1,6 @@
 """Training throughput and ZeRO memory, side by side in one run.
 
-    python benchmarks/train_throughput.py [--steps 40] [--skip-memory] [--stages 2 0]
+    python benchmarks/train_throughput.py [--steps 40] [--skip-memory] [--stages 2 0] [--variant 'OVERRIDES' ...]
 
 Same model (ModernBERT masked LM, hidden 256, 4 layers, seq 128, vocab 8192), same data
 (WikiText-2 shards built here), same global batch (32 x 128 tokens), same masking (30%):
@@ -80,13 +80,13 @@ def steady_tokens_per_s(step_times: list[float], tokens_per_step: int, warmup: i
 # --------------------------------------------------------------------------- (a) ptft
 
 
-def run_ptft(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2) -> float:
+def run_ptft(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2, name: str | None = None, extra: list[str] = ()) -> float:
     cfg = C.load(
         "pretrain",
         "pretrain_tiny",
-        [f"data.dataset_dir={dataset}", f"run_dir={work / f'ptft_z{stage}'}", *(f"model.{k}={v}" for k, v in MODEL.items()),
+        [f"data.dataset_dir={dataset}", f"run_dir={work / (name or f'ptft_z{stage}')}", *(f"model.{k}={v}" for k, v in MODEL.items()),
          f"optim.global_batch_size={GLOBAL_BATCH}", "optim.micro_batch_size_per_rank=16", f"optim.max_steps={steps}",
-         f"zero.stage={stage}", "tracking.log_every_steps=1", f"eval_every_steps={10 * steps}", "data.num_eval_samples=32", f"data.mlm_probability={MLM_P}"],
+         f"zero.stage={stage}", "tracking.log_every_steps=1", f"eval_every_steps={10 * steps}", "data.num_eval_samples=32", f"data.mlm_probability={MLM_P}", *extra],
     )
     jobs.pretrain(cfg)
     rows = [json.loads(line) for line in open(Path(cfg.run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
@@ -259,6 +259,7 @@ def main() -> None:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--stages", type=int, nargs="+", default=[2], help="ZeRO stages of the ptft rows; the first is the one the ratios use")
+    p.add_argument("--variant", action="append", default=[], help="one more ptft row with these overrides, space-separated (e.g. 'zero.reduce_scatter=false'); repeatable")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
     dataset = build_dataset(work)
@@ -279,12 +280,15 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
     with launcher.session(num_cpus=2):
         for stage in a.stages:
             figures[f"ptft_zero{stage}_tokens_per_s"] = run_ptft(dataset, work, a.steps, a.warmup, stage=stage)
+        for i, variant in enumerate(a.variant):
+            figures[f"ptft_variant{i}_tokens_per_s"] = run_ptft(dataset, work, a.steps, a.warmup, name=f"variant{i}", extra=variant.split())
     figures["ptft_tokens_per_s"] = figures[f"ptft_zero{a.stages[0]}_tokens_per_s"]
     figures["ratio_ptft_vs_plain"] = figures["ptft_tokens_per_s"] / figures["plain_tokens_per_s"]
     figures["ratio_ptft_vs_ddp"] = figures["ptft_tokens_per_s"] / figures["ddp_tokens_per_s"]
     figures["ratio_ptft_vs_hf_trainer"] = figures["ptft_tokens_per_s"] / figures["hf_trainer_tokens_per_s"]
     print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
-    for name, key in (*((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
+    for name, key in (*((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages),
+                      *((f"ptft {v}", f"ptft_variant{i}_tokens_per_s") for i, v in enumerate(a.variant)), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
                       ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"), ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s")):
         print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
 

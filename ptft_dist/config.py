@@ -144,8 +144,12 @@ class ZeroConfig:
     offload_optimizer: bool = f(False, "Keep optimizer states in CPU memory (stages 1-3). Needs DeepSpeed's CPUAdam op, built on first use.")
     offload_params: bool = f(False, "Keep parameters in CPU memory (stage 3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = f("auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU.")
+    bucket_elements: int | None = f(None, "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, as transformers' `auto` does (DeepSpeed's own default, 5e8, allocates 2 GB per rank).")
+    reduce_scatter: bool = f(True, "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the whole bucket (false: fewer, larger collectives).")
 
     def check(self, path: str) -> None:
+        if self.bucket_elements is not None:
+            _positive(path, "bucket_elements", self.bucket_elements, minimum=1024)
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.stage must be 0, 1, 2 or 3, got {self.stage!r}")
         if self.offload_params and self.stage != 3:
@@ -391,12 +395,16 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfi
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     zero_opt: dict[str, Any] = {"stage": zero.stage}
-    if hidden_size and zero.stage >= 1:
-        zero_opt["reduce_bucket_size"] = hidden_size * hidden_size
+    bucket = zero.bucket_elements or (hidden_size * hidden_size if hidden_size else None)
+    if bucket and zero.stage >= 1:
+        zero_opt["reduce_bucket_size"] = bucket
+    if zero.stage in (1, 2) and not zero.reduce_scatter:
+        zero_opt["reduce_scatter"] = False
     if zero.stage == 3:
         zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
+        if bucket:
+            zero_opt["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
         if hidden_size:
-            zero_opt["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             zero_opt["stage3_param_persistence_threshold"] = 10 * hidden_size
     if zero.offload_optimizer:
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
