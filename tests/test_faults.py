@@ -149,7 +149,41 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path, tiny_dataset, ray_sessio
     (partial / "train_state_rank0.json").write_text(json.dumps(dict(state, step=99)))
     (partial / "train_state_rank1.json").unlink()
     assert checkpoint.latest(tmp_path / "r" / "ray") == good
+    # a later checkpoint whose copy was cut short (a full disk): every state file, a short shard
+    cut = good.parent / "checkpoint_cut"
+    shutil.copytree(good, cut)
+    state = json.loads((cut / "train_state_rank0.json").read_text())
+    (cut / "train_state_rank0.json").write_text(json.dumps(dict(state, step=98)))
+    shard = next((cut / "ds").glob("zero_pp_rank_1_*"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert not checkpoint.is_complete(cut) and checkpoint.is_complete(good)
+    assert checkpoint.latest(tmp_path / "r" / "ray") == good
     out = jobs.export(tmp_path / "r", tmp_path / "export")
     assert out["metrics"]["step"] == 4 and Path(out["artifacts"]["checkpoint"]) == good
     with pytest.raises(ValueError, match="train_state_rank1.json"):
         checkpoint.read_state(partial, rank=1)
+
+
+@pytest.fixture
+def disk_of_3mb(tmp_path):
+    """A 3 MiB file system: room for the tiny run's first checkpoint, not for its second."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)])
+
+
+def test_disk_full_while_writing_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, tiny_dataset, ray_session, disk_of_3mb):
+    run_dir = disk_of_3mb / "run"
+    cfg = C.load("pretrain", "pretrain_tiny", ["optim.max_steps=40", "checkpoint.every_steps=4", "checkpoint.keep_last=5", f"data.dataset_dir={tiny_dataset}", f"run_dir={run_dir}", *TINY])
+    with pytest.raises(RuntimeError, match="No space left on device"):
+        jobs.pretrain(cfg)
+    good = checkpoint.latest(run_dir / "ray")
+    assert good is not None and checkpoint.is_complete(good)
+    saved = checkpoint.read_state(good)["step"]
+    assert saved % 4 == 0 and saved < 40
+    # what was written before the disk filled is whole: it exports, and the run resumes from it elsewhere
+    out = jobs.export(run_dir, tmp_path / "export")
+    assert out["metrics"]["step"] == saved and (tmp_path / "export" / "model.safetensors").is_file()
