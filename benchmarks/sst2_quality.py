@@ -68,6 +68,8 @@ def finetune(base: Path, name: str, method: str, out: Path, steps: int, sst2: Pa
     run_dir = out / "finetune" / f"{name}-{method}" if train_examples is None else out / "finetune" / f"{name}-{method}-{train_examples}ex"
     if not (run_dir / "summary.json").is_file():
         limit = [f"task.train_examples={train_examples}"] if train_examples else []
+        if not name.startswith(("random", "modernbert")):
+            limit.append("pooling=cls")  # mean pooling is ModernBERT's; BERT/RoBERTa classify from [CLS]
         cfg = C.load("finetune", "finetune_sst2", [f"base_model={base}", f"run_dir={run_dir}", f"optim.max_steps={steps}", *METHODS[method], *limit,
                                                      *(f"task.{k}_file={sst2 / (k if k != 'validation' else 'dev')}.tsv" for k in ("train", "validation", "test"))])
         jobs.finetune(cfg)
