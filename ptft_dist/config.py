@@ -144,8 +144,8 @@ class ZeroConfig:
     offload_optimizer: bool = f(False, "Keep optimizer states in CPU memory (stages 1-3). Needs DeepSpeed's CPUAdam op, built on first use.")
     offload_params: bool = f(False, "Keep parameters in CPU memory (stage 3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = f("auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU.")
-    bucket_elements: int | None = f(None, "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, as transformers' `auto` does (DeepSpeed's own default, 5e8, allocates 2 GB per rank).")
-    reduce_scatter: bool = f(True, "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the whole bucket (false: fewer, larger collectives).")
+    bucket_elements: int | None = f(None, "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, as transformers' `auto` does, and at least 5e6 for stages 1-2 on CPU (DeepSpeed's own default, 5e8, allocates 2 GB per rank).")
+    reduce_scatter: bool | None = f(None, "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the whole bucket (false: fewer, larger collectives). Empty: true on GPU, false on CPU, where it measured 14% faster over gloo (docs/performance.md).")
 
     def check(self, path: str) -> None:
         if self.bucket_elements is not None:
@@ -383,6 +383,11 @@ def batch_arithmetic(optim: OptimConfig, scaling: ScalingConfig, seq_len: int | 
     return text
 
 
+#: Smallest ZeRO-1/2 gradient bucket on CPU (elements): hidden_size^2 buckets meant ~70 gloo
+#: collectives per step for a 256-wide model; one 20 MB bucket per rank costs nothing there.
+CPU_MIN_BUCKET = 5_000_000
+
+
 def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for these sections. The optimizer and schedule are built by the
     engine module (client AdamW with parameter groups and a LambdaLR), so they are not here.
@@ -396,9 +401,12 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfi
         precision = "bf16" if on_gpu else "fp32"
     zero_opt: dict[str, Any] = {"stage": zero.stage}
     bucket = zero.bucket_elements or (hidden_size * hidden_size if hidden_size else None)
+    if bucket and zero.stage in (1, 2) and not on_gpu and not zero.bucket_elements:
+        bucket = max(bucket, CPU_MIN_BUCKET)  # fewer gloo collectives per step
     if bucket and zero.stage >= 1:
         zero_opt["reduce_bucket_size"] = bucket
-    if zero.stage in (1, 2) and not zero.reduce_scatter:
+    reduce_scatter = zero.reduce_scatter if zero.reduce_scatter is not None else on_gpu
+    if zero.stage in (1, 2) and not reduce_scatter:
         zero_opt["reduce_scatter"] = False
     if zero.stage == 3:
         zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
