@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,22 @@ def ray_session():
 
     with launcher.session(num_cpus=2):
         yield
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """``small_fs("512k")``: a real tmpfs of that size, so that writes run out of space for
+    real; unmounted after the test. Skips where mounting needs root."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"fs-{size}-{len(mounts)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs needs root")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", str(path)])

@@ -84,14 +84,9 @@ def test_output_dir_not_writable_is_named(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(small_fs):
     """A 512 KiB file system, so that a write runs out of space for real."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)])
+    return small_fs("512k")
 
 
 def test_disk_full_while_writing_shards_is_an_error_naming_the_file(small_disk, tmp_path):

@@ -165,14 +165,9 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path, tiny_dataset, ray_sessio
 
 
 @pytest.fixture
-def disk_of_3mb(tmp_path):
+def disk_of_3mb(small_fs):
     """A 3 MiB file system: room for the tiny run's first checkpoint, not for its second."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)])
+    return small_fs("3m")
 
 
 def test_disk_full_while_writing_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, tiny_dataset, ray_session, disk_of_3mb):
