@@ -237,18 +237,18 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             # Clock-based decisions are rank 0's, shared in one small all-reduce so that every
             # rank stops and saves at the same step.
             now = time.perf_counter()
-            out_of_time = cfg.time_budget_s is not None and prior_time + now - start_time > cfg.time_budget_s
+            elapsed = prior_time + now - start_time
+            out_of_time = cfg.time_budget_s is not None and elapsed > cfg.time_budget_s
             save_due = cfg.checkpoint.every_minutes > 0 and now - last_save > 60 * cfg.checkpoint.every_minutes
             preempted = (run_dir / STOP_FILE).exists()
             zero = world.is_rank_zero
-            flags = all_reduce_sum([float(out_of_time and zero), float(save_due and zero), float(preempted and zero), float(nonfinite), (prior_time + now - start_time) * zero])
+            flags = all_reduce_sum([float(out_of_time and zero), float(save_due and zero), float(preempted and zero), float(nonfinite), elapsed * zero])
             out_of_time, save_due, preempted, train_time = flags[0] > 0, flags[1] > 0, flags[2] > 0, flags[4]
             if cfg.time_budget_s:
                 clock["progress"] = min(1.0, train_time / cfg.time_budget_s)
-            consecutive_skips = consecutive_skips if flags[3] > 0 else 0
+            consecutive_skips = consecutive_skips + 1 if flags[3] > 0 else 0
             if flags[3] > 0 and skip_nonfinite:
                 skipped_steps += 1
-                consecutive_skips += 1
                 if world.is_rank_zero:
                     log.warning("step %d: the training loss is not finite (NaN or inf); the step's update is skipped (%d skipped so far)", step, skipped_steps)
                 if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
