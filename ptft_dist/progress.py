@@ -1,12 +1,13 @@
 """The driver's view of a running job: one compact line per logged step, said waits.
 
 The workers write ``<run_dir>/metrics.jsonl`` (rank 0) and ``<run_dir>/progress/rank<r>.json``
-(every rank, every step, with the phase it is in). :class:`Monitor` follows both from the
+(every rank, every step, with the phase it is in: :func:`heartbeat`). :class:`Monitor` follows both from the
 driver in a thread and prints
 
     pretrain | step 400/2,000 | loss 5.412 | 4.8k tok/s | ETA 5m31s
     pretrain | step 400 eval | MLM loss 5.301 | masked-token accuracy 21.4%
-    pretrain | step 600: writing a checkpoint (12 s so far)
+    pretrain | starting: data, model and DeepSpeed engine (10s so far)
+    pretrain | step 600: writing a checkpoint (12s so far)
     finetune[sst2] | waiting for cluster resources (2 workers x 1 CPU; free now: 0.5 CPU)
 
 instead of the workers' own log lines, which stay in Ray's log files (``--ray-logs`` shows
@@ -17,12 +18,29 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("ptft_dist.progress")
+
+
+def heartbeat(run_dir: str | Path, rank: int, step: int, phase: str = "train") -> None:
+    """Write ``<run_dir>/progress/rank<rank>.json``: this process's pid, step and phase (setup,
+    train, eval, checkpoint, test, export), for the driver's lines, monitoring and fault tests."""
+    path = Path(run_dir) / "progress" / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    now = time.time()
+    tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "time": now, "phase": phase, "phase_since": now}))
+    os.replace(tmp, path)
+
+
+#: What the driver says of a phase that lasts (a "train" phase is said by its metrics rows).
+PHASES = {"setup": "starting: data, model and DeepSpeed engine", "eval": "evaluating", "checkpoint": "writing a checkpoint",
+          "test": "testing", "export": "exporting the model"}
 
 
 def duration(seconds: float) -> str:
@@ -138,8 +156,9 @@ class Monitor:
         waited = time.time() - since
         if waited >= self.slow_phase_s and self._phase_said != key:
             self._phase_said = key
-            what = {"checkpoint": "writing a checkpoint", "export": "exporting the model", "eval": "evaluating"}.get(phase, phase)
-            self.say(f"{self.name} | step {beat.get('step')}: {what} ({duration(waited)} so far)")
+            what = PHASES.get(phase, phase)
+            where = "" if phase == "setup" else f"step {beat.get('step')}: "
+            self.say(f"{self.name} | {where}{what} ({duration(waited)} so far)")
 
     def line(self, row: dict) -> str | None:
         """The compact line for one metrics row (None: not worth a line)."""

@@ -1,9 +1,10 @@
 """The driver's progress lines (ptft_dist.progress.Monitor), from real run-directory files."""
 
 import json
+import os
 import time
 
-from ptft_dist.progress import Monitor, duration
+from ptft_dist.progress import Monitor, duration, heartbeat
 
 
 def _append(run_dir, *rows, newline=True):
@@ -89,3 +90,17 @@ def test_workers_gone_quiet_make_the_wait_said_again(tmp_path):
     beat.write_text(json.dumps({"pid": 1, "step": 12, "time": time.time() - 15, "phase": "train"}))  # a node was lost
     mon.poll()
     assert len(said) == 1 and "for cluster resources: 2 workers x 1 CPU; free now: 1 CPU" in said[0]
+
+
+def test_a_long_setup_is_said_from_the_workers_heartbeat(tmp_path):
+    said = []
+    mon = Monitor(tmp_path, "finetune[trec]", max_steps=10, say=said.append, slow_phase_s=0.0)
+    heartbeat(tmp_path, 0, 0, "setup")
+    beat = json.loads((tmp_path / "progress" / "rank0.json").read_text())
+    assert beat["phase"] == "setup" and beat["step"] == 0 and beat["pid"] == os.getpid()
+    mon.poll()
+    mon.poll()  # said once
+    assert len(said) == 1 and said[0].startswith("finetune[trec] | starting: data, model and DeepSpeed engine (")
+    heartbeat(tmp_path, 0, 1)  # training: the metrics rows speak from now on
+    mon.poll()
+    assert len(said) == 1

@@ -35,6 +35,7 @@ from .. import engine as engine_lib, models
 from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, to_dict
 from ..data.build import DataError
 from ..data.labeled import label_order, read_examples
+from ..progress import heartbeat
 from ..tracking import Tracker, write_summary
 from ..world import World, all_gather_object, all_reduce_sum, barrier, broadcast_object
 
@@ -206,6 +207,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
     micro = cfg.optim.micro_batch_size_per_rank
 
     tracker = Tracker(run_dir, cfg.tracking, world, config=to_dict(cfg), job_type="finetune")
+    heartbeat(run_dir, world.rank, 0, "setup")
     try:
         # 2. model (+ adapters) and engine
         from transformers import AutoConfig
@@ -267,6 +269,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                 engine.step()
                 loss_acc += out.loss.item()
                 loss_n += 1
+            heartbeat(run_dir, world.rank, step)
             if step % cfg.tracking.log_every_steps == 0 or step == cfg.optim.max_steps:
                 now = time.perf_counter()
                 total_loss, n = all_reduce_sum([loss_acc, loss_n])
@@ -276,6 +279,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                     log.info("[%s] step %d/%d | loss %.4f | lr %.2e | %.0f examples/s", cfg.name, step, cfg.optim.max_steps, metrics["train_loss"], metrics["lr"], metrics["examples_per_s"])
                 loss_acc, loss_n, last_step, last_time = 0.0, 0, step, now
             if validation is not None and (step % cfg.eval_every_steps == 0 or step == cfg.optim.max_steps):
+                heartbeat(run_dir, world.rank, step, "eval")
                 scores = classification_metrics(validation.labels, predict(validation), names)
                 tracker.log({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}, step)
                 if scores[cfg.metric] > best:
@@ -296,9 +300,11 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                 log.info("[%s] testing the best weights: step %d, validation %s %.4f", cfg.name, best_step, cfg.metric, best)
 
         # 4. test predictions
+        heartbeat(run_dir, world.rank, step, "test")
         pred = predict(test)
 
         # 5. save the adapter (or the full model); gathering is collective
+        heartbeat(run_dir, world.rank, step, "export")
         state = engine_lib.full_state_dict(engine, trainable_only=cfg.peft.method in ("lora", "ia3"))
         key = "adapter" if cfg.peft.method in ("lora", "ia3") else "model"
         out_dir = run_dir / key

@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from .. import checkpoint, engine as engine_lib, models
 from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps
 from ..data.build import DataError, check_tokenizer, load_tokenizer, read_manifest, tokenizer_dir
 from ..data.stream import ShardStream, advance, mask_tokens, new_position, read_all
+from ..progress import heartbeat
 from ..tracking import Tracker, write_summary
 from ..world import World, all_reduce_max, all_reduce_sum, barrier
 
@@ -47,13 +47,7 @@ STOP_FILE = "STOP"  # its presence in the run dir asks the workers to checkpoint
 
 
 def _heartbeat(run_dir: Path, world: World, step: int, phase: str = "train") -> None:
-    """``progress/rank<r>.json``: this rank's pid, step and phase (train, eval, checkpoint,
-    export), for the driver's progress lines, monitoring and fault tests."""
-    path = run_dir / "progress" / f"rank{world.rank}.json"
-    tmp = path.with_suffix(".tmp")
-    now = time.time()
-    tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "time": now, "phase": phase, "phase_since": now}))
-    os.replace(tmp, path)
+    heartbeat(run_dir, world.rank, step, phase)
 
 
 def _collate(items):
@@ -122,8 +116,9 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
 
     # 2. tracker (rank 0 writes)
     # a resumed run continues its W&B run (rank 0 stored the id in the checkpoint)
-    resume_id = checkpoint.read_state(resume_dir).get("wandb_run_id") if resume_dir else None
-    tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=resume_id)
+    saved = checkpoint.read_state(resume_dir) if resume_dir else {}
+    tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=saved.get("wandb_run_id"))
+    _heartbeat(run_dir, world, saved.get("step", 0), "setup")
     try:
         # 3. model and engine
         hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=special)
@@ -190,7 +185,6 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             for p in engine.module.parameters():
                 if p.requires_grad:
                     p.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) if sanitize["on"] else g)
-        (run_dir / "progress").mkdir(parents=True, exist_ok=True)
         ledger = None
         if cfg.data.ledger:
             (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
