@@ -145,7 +145,7 @@ class ZeroConfig:
     offload_params: bool = f(False, "Keep parameters in CPU memory (stage 3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = f("auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU.")
     bucket_elements: int | None = f(None, "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, as transformers' `auto` does, and at least 5e6 for stages 1-2 on CPU (DeepSpeed's own default, 5e8, allocates 2 GB per rank).")
-    reduce_scatter: bool | None = f(None, "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the whole bucket (false: fewer, larger collectives). Empty: true on GPU, false on CPU, where it measured 14% faster over gloo (docs/performance.md).")
+    reduce_scatter: bool | None = f(None, "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the whole bucket (false: fewer, larger collectives). Empty: true on GPU, false on CPU, where it measured 3-4% faster over gloo at either bucket size (docs/performance.md).")
 
     def check(self, path: str) -> None:
         if self.bucket_elements is not None:
