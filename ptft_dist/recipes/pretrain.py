@@ -46,10 +46,6 @@ MAX_CONSECUTIVE_SKIPS = 10  # on_nonfinite_loss: skip gives up after this many b
 STOP_FILE = "STOP"  # its presence in the run dir asks the workers to checkpoint and stop
 
 
-def _heartbeat(run_dir: Path, world: World, step: int, phase: str = "train") -> None:
-    heartbeat(run_dir, world.rank, step, phase)
-
-
 def _collate(items):
     slots, epochs, keys, ids = zip(*items)
     return slots[0], list(epochs), list(keys), torch.from_numpy(np.stack(ids).astype("int64"))
@@ -118,7 +114,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     # a resumed run continues its W&B run (rank 0 stored the id in the checkpoint)
     saved = checkpoint.read_state(resume_dir) if resume_dir else {}
     tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=saved.get("wandb_run_id"))
-    _heartbeat(run_dir, world, saved.get("step", 0), "setup")
+    heartbeat(run_dir, world.rank, saved.get("step", 0), "setup")
     try:
         # 3. model and engine
         hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=special)
@@ -227,7 +223,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             samples_seen += cfg.optim.global_batch_size
             if ledger is not None:
                 ledger.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
-            _heartbeat(run_dir, world, step)
+            heartbeat(run_dir, world.rank, step)
             # Clock-based decisions are rank 0's, shared in one small all-reduce so that every
             # rank stops and saves at the same step.
             now = time.perf_counter()
@@ -284,7 +280,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 last_step, last_time, loss_acc, loss_n = step, now, 0.0, 0
 
             if step % cfg.eval_every_steps == 0 or last:
-                _heartbeat(run_dir, world, step, "eval")
+                heartbeat(run_dir, world.rank, step, "eval")
                 eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
                 tracker.log(dict(eval_metrics, train_time_s=train_time), step)
                 if world.is_rank_zero:
@@ -293,7 +289,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or save_due or last:
                 if world.is_rank_zero and not last:
                     log.info("step %d: writing a checkpoint", step)
-                _heartbeat(run_dir, world, step, "checkpoint")
+                heartbeat(run_dir, world.rank, step, "checkpoint")
                 save(step, {"step": step, **eval_metrics})
                 last_save = time.perf_counter()
             if out_of_time or paused:
@@ -313,7 +309,7 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             return None
 
         # 7. export the consolidated weights
-        _heartbeat(run_dir, world, step, "export")
+        heartbeat(run_dir, world.rank, step, "export")
         state_dict = engine_lib.full_state_dict(engine)
         export_dir = run_dir / "export"
         if world.is_rank_zero:
