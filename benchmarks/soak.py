@@ -46,17 +46,43 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0)
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-soak-"))
-    jobs.build_data(C.load("data", overrides=[f"data.output_dir={work / 'data'}", "data.max_documents=6000", "data.seq_len=64", "data.samples_per_shard=256"]).data, work / "build")
+    jobs.build_data(
+        C.load(
+            "data",
+            overrides=[
+                f"data.output_dir={work / 'data'}",
+                "data.max_documents=6000",
+                "data.seq_len=64",
+                "data.samples_per_shard=256",
+            ],
+        ).data,
+        work / "build",
+    )
     run_dir = work / "run"
-    cfg = C.load("pretrain", "pretrain_tiny", [f"data.dataset_dir={work / 'data'}", f"run_dir={run_dir}", "optim.max_steps=10000000", f"time_budget_s={a.minutes * 60}",
-                                               "checkpoint.every_minutes=1", "checkpoint.keep_last=2", "eval_every_steps=500", "tracking.log_every_steps=100"])
+    cfg = C.load(
+        "pretrain",
+        "pretrain_tiny",
+        [
+            f"data.dataset_dir={work / 'data'}",
+            f"run_dir={run_dir}",
+            "optim.max_steps=10000000",
+            f"time_budget_s={a.minutes * 60}",
+            "checkpoint.every_minutes=1",
+            "checkpoint.keep_last=2",
+            "eval_every_steps=500",
+            "tracking.log_every_steps=100",
+        ],
+    )
     samples: list[dict] = []
     done = threading.Event()
 
     def watch() -> None:
         start = time.time()
         while not done.wait(10):
-            row = {"t_s": time.time() - start, "checkpoints": len([d for d in (run_dir / "ray" / "pretrain").glob("checkpoint_*") if d.is_dir()])}
+            row = {
+                "t_s": time.time() - start,
+                "checkpoints": len([d for d in (run_dir / "ray" / "pretrain").glob("checkpoint_*") if d.is_dir()]),
+            }
             for beat in sorted((run_dir / "progress").glob("rank*.json")):
                 try:
                     pid = json.loads(beat.read_text())["pid"]
@@ -76,7 +102,10 @@ def main() -> None:
     last = rows[-1]
     print(f"{'t (s)':>7} {'rank0 RSS MB':>13} {'rank1 RSS MB':>13} {'fds r0':>7} {'fds r1':>7} {'checkpoints':>12}")
     for r in rows[:: max(1, len(rows) // 20)] + [last]:
-        print(f"{r['t_s']:>7.0f} {r.get('rank0_rss_mb', 0):>13.0f} {r.get('rank1_rss_mb', 0):>13.0f} {r.get('rank0_fds', 0):>7} {r.get('rank1_fds', 0):>7} {r['checkpoints']:>12}")
+        print(
+            f"{r['t_s']:>7.0f} {r.get('rank0_rss_mb', 0):>13.0f} {r.get('rank1_rss_mb', 0):>13.0f} "
+            f"{r.get('rank0_fds', 0):>7} {r.get('rank1_fds', 0):>7} {r['checkpoints']:>12}"
+        )
     figures = {
         "minutes": a.minutes,
         "steps": summary["metrics"]["steps"],

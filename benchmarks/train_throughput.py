@@ -1,6 +1,7 @@
 """Training throughput and ZeRO memory, side by side in one run.
 
-    python benchmarks/train_throughput.py [--steps 40] [--repeats 2] [--skip-memory] [--stages 2 0] [--variant "OVERRIDES" ...]
+    python benchmarks/train_throughput.py [--steps 40] [--repeats 2] [--skip-memory] [--stages 2 0]
+        [--variant "OVERRIDES" ...]
 
 Same model (ModernBERT masked LM, hidden 256, 4 layers, seq 128, vocab 8192), same data
 (WikiText-2 shards built here), same global batch (32 x 128 tokens), same masking (30%):
@@ -48,7 +49,9 @@ GLOBAL_BATCH, SEQ_LEN, MLM_P = 32, 128, 0.3
 
 def build_dataset(work: Path) -> Path:
     out = work / "data"
-    jobs.build_data(C.load("data", overrides=[f"data.output_dir={out}", "data.samples_per_shard=2048"]).data, work / "build")
+    jobs.build_data(
+        C.load("data", overrides=[f"data.output_dir={out}", "data.samples_per_shard=2048"]).data, work / "build"
+    )
     return out
 
 
@@ -81,13 +84,26 @@ def steady_tokens_per_s(step_times: list[float], tokens_per_step: int, warmup: i
 # --------------------------------------------------------------------------- (a) ptft
 
 
-def run_ptft(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2, name: str | None = None, extra: list[str] = ()) -> float:
+def run_ptft(
+    dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2, name: str | None = None, extra: list[str] = ()
+) -> float:
     cfg = C.load(
         "pretrain",
         "pretrain_tiny",
-        [f"data.dataset_dir={dataset}", f"run_dir={work / (name or f'ptft_z{stage}')}", *(f"model.{k}={v}" for k, v in MODEL.items()),
-         f"optim.global_batch_size={GLOBAL_BATCH}", "optim.micro_batch_size_per_rank=16", f"optim.max_steps={steps}",
-         f"zero.stage={stage}", "tracking.log_every_steps=1", f"eval_every_steps={10 * steps}", "data.num_eval_samples=32", f"data.mlm_probability={MLM_P}", *extra],
+        [
+            f"data.dataset_dir={dataset}",
+            f"run_dir={work / (name or f'ptft_z{stage}')}",
+            *(f"model.{k}={v}" for k, v in MODEL.items()),
+            f"optim.global_batch_size={GLOBAL_BATCH}",
+            "optim.micro_batch_size_per_rank=16",
+            f"optim.max_steps={steps}",
+            f"zero.stage={stage}",
+            "tracking.log_every_steps=1",
+            f"eval_every_steps={10 * steps}",
+            "data.num_eval_samples=32",
+            f"data.mlm_probability={MLM_P}",
+            *extra,
+        ],
     )
     jobs.pretrain(cfg)
     rows = [json.loads(line) for line in open(Path(cfg.run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
@@ -99,7 +115,14 @@ def run_ptft(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2,
 
 def _mask(ids: torch.Tensor, manifest: dict, seed: int):
     sp = manifest["tokenizer"]["special_ids"]
-    return mask_tokens(ids, mlm_probability=MLM_P, mask_id=sp["mask"], vocab_size=manifest["vocab_size"], special_ids=[sp["cls"], sp["sep"], sp["pad"]], generator=torch.Generator().manual_seed(seed))
+    return mask_tokens(
+        ids,
+        mlm_probability=MLM_P,
+        mask_id=sp["mask"],
+        vocab_size=manifest["vocab_size"],
+        special_ids=[sp["cls"], sp["sep"], sp["pad"]],
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _timed_step(model, opt, inputs: torch.Tensor, labels: torch.Tensor, started: float) -> float:
@@ -180,9 +203,25 @@ def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    args = TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=GLOBAL_BATCH, max_steps=steps, learning_rate=1e-3,
-                             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", dataloader_num_workers=0, use_cpu=True)
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=MLM_P), callbacks=[Clock()]).train()
+    args = TrainingArguments(
+        output_dir=str(work / "hf"),
+        per_device_train_batch_size=GLOBAL_BATCH,
+        max_steps=steps,
+        learning_rate=1e-3,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=MLM_P),
+        callbacks=[Clock()],
+    ).train()
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
 
 
@@ -216,7 +255,14 @@ def _live_tensor_mb() -> float:
 def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out: str, precision: str = "fp32") -> None:
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from ptft_dist import engine as E
@@ -243,7 +289,16 @@ def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out
         engine.step()
     grown, live = _rss_mb() - before, _live_tensor_mb() - before_live
     if rank == 0:
-        Path(out).write_text(json.dumps({"rss_growth_mb": grown, "tensor_mb": live, "tensor_mb_with_grads": with_grads, "params": models.num_params(model)}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "rss_growth_mb": grown,
+                    "tensor_mb": live,
+                    "tensor_mb_with_grads": with_grads,
+                    "params": models.num_params(model),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -251,7 +306,9 @@ def run_zero_memory(dataset: Path, work: Path, stages=(0, 1, 2, 3), precision: s
     results = {}
     for stage in stages:
         out = work / f"zero{stage}_{precision}.json"
-        torch.multiprocessing.spawn(_zero_worker, args=(2, _free_port(), str(dataset), stage, str(out), precision), nprocs=2)
+        torch.multiprocessing.spawn(
+            _zero_worker, args=(2, _free_port(), str(dataset), stage, str(out), precision), nprocs=2
+        )
         results[stage] = json.loads(out.read_text())
     return results
 
@@ -262,9 +319,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true")
-    p.add_argument("--stages", type=int, nargs="+", default=[2], help="ZeRO stages of the ptft rows; the first is the one the ratios use")
+    p.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="ZeRO stages of the ptft rows; the first is the one the ratios use",
+    )
     p.add_argument("--repeats", type=int, default=2, help="rounds of every setup, interleaved; the best round counts")
-    p.add_argument("--variant", action="append", default=[], help="one more ptft row with these overrides, space-separated (e.g. 'zero.reduce_scatter=false'); repeatable")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="one more ptft row with these overrides, space-separated (e.g. 'zero.reduce_scatter=false'); repeatable",
+    )
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
     dataset = build_dataset(work)
@@ -285,8 +353,11 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
 
     best = lambda key, value: figures.__setitem__(key, max(figures.get(key, 0.0), value))  # noqa: E731
     rows = [(f"ptft_zero{stage}_tokens_per_s", dict(stage=stage)) for stage in a.stages]
-    rows += [(f"ptft_variant{i}_tokens_per_s", dict(name=f"variant{i}", extra=variant.split())) for i, variant in enumerate(a.variant)]
-    for r in range(a.repeats):
+    rows += [
+        (f"ptft_variant{i}_tokens_per_s", dict(name=f"variant{i}", extra=variant.split()))
+        for i, variant in enumerate(a.variant)
+    ]
+    for _ in range(a.repeats):
         best("plain_tokens_per_s", run_plain(dataset, a.steps, a.warmup))
         best("ddp_tokens_per_s", run_ddp(dataset, work, a.steps, a.warmup))
         best("hf_trainer_tokens_per_s", run_hf_trainer(dataset, work, a.steps, a.warmup))
@@ -300,9 +371,13 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
     figures["ratio_ptft_vs_ddp"] = figures["ptft_tokens_per_s"] / figures["ddp_tokens_per_s"]
     figures["ratio_ptft_vs_hf_trainer"] = figures["ptft_tokens_per_s"] / figures["hf_trainer_tokens_per_s"]
     print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
-    for name, key in (*((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages),
-                      *((f"ptft {v}", f"ptft_variant{i}_tokens_per_s") for i, v in enumerate(a.variant)), ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
-                      ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"), ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s")):
+    for name, key in (
+        *((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages),
+        *((f"ptft {v}", f"ptft_variant{i}_tokens_per_s") for i, v in enumerate(a.variant)),
+        ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
+        ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"),
+        ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s"),
+    ):
         print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
 
 
@@ -329,15 +404,28 @@ def memory(dataset: Path, work: Path, figures: dict, precisions=("fp32", "bf16")
         n = mem[0]["params"]
         theory = THEORY[precision]
         peak = THEORY_WITH_GRADS[precision]
-        print(f"\nZeRO per-rank memory, {precision}, {n / 1e6:.1f}M parameters, 2 ranks: live tensor MB at the peak of the model states (after the 2nd backward) and after the 2nd step")
-        print(f"{'stage':<6} {'peak MB':>8} {'vs 0':>5} {'theory':>7} {'vs 0':>5} {'after step':>11} {'vs 0':>5} {'theory':>7} {'vs 0':>5} {'RSS MB':>7}")
+        print(
+            f"\nZeRO per-rank memory, {precision}, {n / 1e6:.1f}M parameters, 2 ranks: live tensor MB at the peak of "
+            "the model states (after the 2nd backward) and after the 2nd step"
+        )
+        print(
+            f"{'stage':<6} {'peak MB':>8} {'vs 0':>5} {'theory':>7} {'vs 0':>5} {'after step':>11} {'vs 0':>5} "
+            f"{'theory':>7} {'vs 0':>5} {'RSS MB':>7}"
+        )
         for stage, r in mem.items():
-            print(f"{stage:<6} {r['tensor_mb_with_grads']:>8.0f} {r['tensor_mb_with_grads'] / mem[0]['tensor_mb_with_grads']:>5.2f} {n * peak[stage] / 2**20:>7.0f} {peak[stage] / peak[0]:>5.2f}"
-                  f" {r['tensor_mb']:>11.0f} {r['tensor_mb'] / mem[0]['tensor_mb']:>5.2f} {n * theory[stage] / 2**20:>7.0f} {theory[stage] / theory[0]:>5.2f} {r['rss_growth_mb']:>7.0f}")
+            print(
+                f"{stage:<6} {r['tensor_mb_with_grads']:>8.0f} "
+                f"{r['tensor_mb_with_grads'] / mem[0]['tensor_mb_with_grads']:>5.2f} {n * peak[stage] / 2**20:>7.0f} "
+                f"{peak[stage] / peak[0]:>5.2f}"
+                f" {r['tensor_mb']:>11.0f} {r['tensor_mb'] / mem[0]['tensor_mb']:>5.2f} "
+                f"{n * theory[stage] / 2**20:>7.0f} {theory[stage] / theory[0]:>5.2f} {r['rss_growth_mb']:>7.0f}"
+            )
             figures[f"{precision}_zero{stage}_rank_memory_mb"] = r["tensor_mb_with_grads"]
             figures[f"{precision}_zero{stage}_rank_memory_after_step_mb"] = r["tensor_mb"]
             figures[f"{precision}_zero{stage}_rank_rss_growth_mb"] = r["rss_growth_mb"]
-        figures[f"{precision}_ratio_zero3_vs_zero0_memory"] = mem[3]["tensor_mb_with_grads"] / mem[0]["tensor_mb_with_grads"]
+        figures[f"{precision}_ratio_zero3_vs_zero0_memory"] = (
+            mem[3]["tensor_mb_with_grads"] / mem[0]["tensor_mb_with_grads"]
+        )
         figures[f"{precision}_ratio_zero3_vs_zero0_memory_after_step"] = mem[3]["tensor_mb"] / mem[0]["tensor_mb"]
         figures["memory_model_params"] = n
 

@@ -54,7 +54,9 @@ def save(engine, directory: str | Path, world: World, train_state: dict[str, Any
     if world.is_rank_zero:
         (out / "config.yaml").write_text(config_yaml)
     # the sizes of this rank's files: a copy cut short (a full disk) is seen as incomplete
-    files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and _owned(p.name, world.rank)}
+    files = {
+        str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and _owned(p.name, world.rank)
+    }
     state = dict(train_state, version=VERSION, world_size=world.world_size, rank=world.rank, files=files)
     tmp = out / f"train_state_rank{world.rank}.json.tmp"
     tmp.write_text(json.dumps(state))
@@ -66,7 +68,9 @@ def _owned(name: str, rank: int) -> bool:
     """Whether a checkpoint file is written by ``rank`` (DeepSpeed names shards by rank)."""
     if f"pp_rank_{rank}_" in name or name == f"rng_rank{rank}.pt":
         return True
-    return rank == 0 and (name == "config.yaml" or (name.endswith(".pt") and "pp_rank_" not in name and not name.startswith("rng_rank")))
+    return rank == 0 and (
+        name == "config.yaml" or (name.endswith(".pt") and "pp_rank_" not in name and not name.startswith("rng_rank"))
+    )
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -91,7 +95,12 @@ def read_state(directory: str | Path, rank: int = 0) -> dict[str, Any]:
 
 
 #: Config sections that must not change between a checkpoint and the run resuming it.
-FROZEN_ON_RESUME = {"model": None, "zero": ("stage",), "optim": ("global_batch_size", "micro_batch_size_per_rank", "seed"), "data": ("dataset_dir", "num_loader_workers")}
+FROZEN_ON_RESUME = {
+    "model": None,
+    "zero": ("stage",),
+    "optim": ("global_batch_size", "micro_batch_size_per_rank", "seed"),
+    "data": ("dataset_dir", "num_loader_workers"),
+}
 
 
 def check_compatible(directory: str | Path, current: dict[str, Any], world_size: int) -> None:

@@ -24,29 +24,58 @@ from .jobs import Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptft", description="Masked-LM pretraining and LoRA finetuning on Ray Train x DeepSpeed.")
+    p = argparse.ArgumentParser(
+        prog="ptft", description="Masked-LM pretraining and LoRA finetuning on Ray Train x DeepSpeed."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, ray: bool = True) -> None:
         sp.add_argument("--config", help="YAML file or the name of a shipped preset (see `ptft presets`)")
         sp.add_argument("--run-dir", help="run directory (overrides run_dir)")
-        sp.add_argument("--dry-run", action="store_true", help="print the resolved config, the batch arithmetic and the DeepSpeed JSON; start nothing")
+        sp.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the resolved config, the batch arithmetic and the DeepSpeed JSON; start nothing",
+        )
         if ray:
-            sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster in this process)")
-            sp.add_argument("--ray-logs", action="store_true", help="show the workers' and Ray's own log lines here, not only ptft's progress lines (or PTFT_RAY_LOGS=1)")
-        sp.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides, e.g. optim.lr=3e-4 zero.stage=3")
+            sp.add_argument(
+                "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster in this process)"
+            )
+            sp.add_argument(
+                "--ray-logs",
+                action="store_true",
+                help="show the workers' and Ray's own log lines here, not only ptft's progress lines (or "
+                "PTFT_RAY_LOGS=1)",
+            )
+        sp.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="section.field=value",
+            help="dotted overrides, e.g. optim.lr=3e-4 zero.stage=3",
+        )
 
     data = sub.add_parser("data", help="dataset commands")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    common(data_sub.add_parser("build", help="text files -> tokenizer -> packed WebDataset shards + manifest"), ray=False)
+    common(
+        data_sub.add_parser("build", help="text files -> tokenizer -> packed WebDataset shards + manifest"), ray=False
+    )
     common(sub.add_parser("pretrain", help="masked-LM pretraining on Ray Train + DeepSpeed"))
     common(sub.add_parser("finetune", help="LoRA sequence classification on Ray Train + DeepSpeed"))
     common(sub.add_parser("pipeline", help="data build -> pretrain -> finetune in one Ray session"))
-    exp = sub.add_parser("export", help="an HF directory (safetensors + tokenizer) from a pretraining checkpoint or run directory")
+    exp = sub.add_parser(
+        "export", help="an HF directory (safetensors + tokenizer) from a pretraining checkpoint or run directory"
+    )
     exp.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its newest complete checkpoint)")
     exp.add_argument("--out", required=True, help="output HF directory")
-    rep = sub.add_parser("report", help="PNG plots and an HTML page from run directories (offline; several runs overlay)")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (metrics.jsonl, summary.json, config.yaml) or a pipeline's")
+    rep = sub.add_parser(
+        "report", help="PNG plots and an HTML page from run directories (offline; several runs overlay)"
+    )
+    rep.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a run directory (metrics.jsonl, summary.json, config.yaml) or a pipeline's",
+    )
     rep.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     pred = sub.add_parser("predict", help="apply a finetuned adapter (or model) to a CSV/TSV/JSONL/Parquet file")
     pred.add_argument("model", help="an adapter or model directory written by `ptft finetune`")
@@ -62,14 +91,23 @@ def _parser() -> argparse.ArgumentParser:
 def _dry_run(command: str, cfg) -> None:
     print("# resolved config")
     print(C.dump_yaml(cfg))
-    sections = [cfg.pretrain, *cfg.finetune] if command == "pipeline" else [cfg] if command in ("pretrain", "finetune") else []
+    sections = (
+        [cfg.pretrain, *cfg.finetune] if command == "pipeline" else [cfg] if command in ("pretrain", "finetune") else []
+    )
     for part in sections:
         name = "pretrain" if isinstance(part, C.PretrainConfig) else f"finetune {part.name}"
         seq_len = cfg.data.seq_len if command == "pipeline" and name == "pretrain" else None
         print(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
         print(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
         hidden = part.model.hidden_size if isinstance(part, C.PretrainConfig) and not part.model.init_from else None
-        print(json.dumps(C.deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden), indent=2))
+        print(
+            json.dumps(
+                C.deepspeed_config(
+                    part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden
+                ),
+                indent=2,
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         from .data.build import DataError
 
         try:
-            made = jobs.predict(args.model, args.input, args.out, text_column=args.text_column, text_pair_column=args.text_pair_column, max_length=args.max_length)
+            made = jobs.predict(
+                args.model,
+                args.input,
+                args.out,
+                text_column=args.text_column,
+                text_pair_column=args.text_pair_column,
+                max_length=args.max_length,
+            )
         except (DataError, ValueError, OSError) as e:
             print(f"ptft predict: error: {e}", file=sys.stderr)
             return 2
@@ -147,14 +192,20 @@ def _print_summary(command: str, cfg, summary: dict) -> None:
     print()
     if command == "pipeline":
         pre = metrics["pretrain"]
-        print(f"pretraining: eval MLM loss {pre['eval_mlm_loss']:.3f}, masked-token accuracy {pre['eval_mlm_accuracy']:.1%} after {pre['steps']} steps ({pre['train_time_s']:.0f} s)")
+        print(
+            f"pretraining: eval MLM loss {pre['eval_mlm_loss']:.3f}, masked-token accuracy "
+            f"{pre['eval_mlm_accuracy']:.1%} after {pre['steps']} steps ({pre['train_time_s']:.0f} s)"
+        )
         print(f"{'finetune job':<16} {'status':<7} {'test acc':>9} {'macro-F1':>9} {'majority':>9} {'trainable':>10}")
         for row in metrics["jobs"]:
             m = metrics["finetune"][row["job"]]
             if row["status"] != "ok":
                 print(f"{row['job']:<16} {'failed':<7} {row['error']}")
                 continue
-            print(f"{row['job']:<16} {'ok':<7} {m['test_accuracy']:>9.1%} {m['test_macro_f1']:>9.3f} {m['test_majority_class_accuracy']:>9.1%} {m['trainable_params']:>10,}")
+            print(
+                f"{row['job']:<16} {'ok':<7} {m['test_accuracy']:>9.1%} {m['test_macro_f1']:>9.3f} "
+                f"{m['test_majority_class_accuracy']:>9.1%} {m['trainable_params']:>10,}"
+            )
         print(f"hf_model: {artifacts['hf_model']}")
         for name, paths in artifacts["finetune"].items():
             for k, v in paths.items():

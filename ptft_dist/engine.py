@@ -56,7 +56,9 @@ def peak_memory_mb(scaling: ScalingConfig) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def ds_config(optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, hidden_size: int | None = None) -> dict[str, Any]:
+def ds_config(
+    optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, hidden_size: int | None = None
+) -> dict[str, Any]:
     return deepspeed_config(optim, zero, scaling, on_gpu=on_gpu(scaling), hidden_size=hidden_size)
 
 

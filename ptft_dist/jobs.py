@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,17 @@ def build_data(cfg: DataBuildConfig, run_dir: str | Path) -> dict:
         manifest = build(cfg, out_dir)
     except OSError as e:  # disk full, permissions: say where, whatever the library said
         where = f"{e.filename}" if e.filename else str(out_dir)
-        raise OSError(e.errno, f"{e.strerror or e} while writing the dataset to {where} (nothing is published: the manifest is written last)") from None
+        raise OSError(
+            e.errno,
+            f"{e.strerror or e} while writing the dataset to {where} (nothing is published: the manifest is written "
+            "last)",
+        ) from None
     splits = manifest["splits"]
     summary = {
         "metrics": {
-            f"{split}_{key}": splits[split][key] for split in splits for key in ("num_documents", "num_samples", "num_tokens")
+            f"{split}_{key}": splits[split][key]
+            for split in splits
+            for key in ("num_documents", "num_samples", "num_tokens")
         }
         | {"build_time_s": time.perf_counter() - start, "vocab_size": manifest["vocab_size"]},
         "artifacts": {"dataset": str(out_dir.resolve()), "tokenizer": str((out_dir / "tokenizer").resolve())},
@@ -84,7 +90,9 @@ def _resolve_pretrain(cfg: PretrainConfig, *, check_data: bool = True) -> Pretra
     )
     if check_data:
         if not cfg.data.dataset_dir:
-            raise DataError("data.dataset_dir is not set: build a dataset with `ptft data build` and point data.dataset_dir at it")
+            raise DataError(
+                "data.dataset_dir is not set: build a dataset with `ptft data build` and point data.dataset_dir at it"
+            )
         check_tokenizer(cfg.data.dataset_dir, cfg.model.init_from or cfg.data.dataset_dir, what="model.init_from")
     return cfg
 
@@ -97,7 +105,9 @@ def _resolve_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
         from .recipes.finetune import pooling_kwargs
 
         pooling_kwargs(json.loads(base_config.read_text()).get("model_type", "?"), cfg.pooling, cfg.base_model)
-    return dataclasses.replace(cfg, run_dir=_abs(cfg.run_dir), base_model=_abs(cfg.base_model), task=resolve_task(cfg.task, cfg.run_dir))
+    return dataclasses.replace(
+        cfg, run_dir=_abs(cfg.run_dir), base_model=_abs(cfg.base_model), task=resolve_task(cfg.task, cfg.run_dir)
+    )
 
 
 class Preempted(RuntimeError):
@@ -125,7 +135,13 @@ def _preemptible(run_dir: str | Path, grace_s: float):
     def on_term(signum, frame):
         log.warning("SIGTERM: asking the workers to checkpoint and stop (grace %.0f s)", grace_s)
         stop.touch()
-        timer = threading.Timer(grace_s, lambda: (log.error("no checkpoint within %.0f s of SIGTERM; exiting", grace_s), os._exit(Preempted.exit_code)))
+        timer = threading.Timer(
+            grace_s,
+            lambda: (
+                log.error("no checkpoint within %.0f s of SIGTERM; exiting", grace_s),
+                os._exit(Preempted.exit_code),
+            ),
+        )
         timer.daemon = True
         timer.start()
 
@@ -148,12 +164,18 @@ def pretrain(cfg: PretrainConfig, *, address: str | None = None) -> dict:
     cfg = _resolve_pretrain(cfg)
     prepare_run_dir(cfg.run_dir, cfg)
     # the handler goes in after ray.init, which installs a SIGTERM handler of its own
-    with launcher.session(address, use_gpu=cfg.scaling.use_gpu), _preemptible(cfg.run_dir, cfg.preemption_grace_s) as stop:
+    with (
+        launcher.session(address, use_gpu=cfg.scaling.use_gpu),
+        _preemptible(cfg.run_dir, cfg.preemption_grace_s) as stop,
+    ):
         result = launcher.fit("pretrain", cfg, name="pretrain")
         if stop.exists():
             stop.unlink()
             summary = _read_summary(cfg.run_dir, "pretraining", result)
-            raise Preempted(f"preempted at step {summary['metrics']['steps']}: a checkpoint is saved; run the same command again to resume")
+            raise Preempted(
+                f"preempted at step {summary['metrics']['steps']}: a checkpoint is saved; run the same command again "
+                "to resume"
+            )
     return _read_summary(cfg.run_dir, "pretraining", result)
 
 
@@ -183,12 +205,16 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
         raise ValueError(f"{source} holds no complete ptft-dist checkpoint (no train_state_rank0.json below it)")
     cfg = from_dict(PretrainConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
     manifest = read_manifest(cfg.data.dataset_dir)
-    hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=manifest["tokenizer"]["special_ids"])
+    hf_config = models.mlm_config(
+        cfg.model, vocab_size=manifest["vocab_size"], special_ids=manifest["tokenizer"]["special_ids"]
+    )
     model = models.build_mlm(cfg.model, hf_config)
     state = checkpoint.consolidated_state_dict(ckpt, cfg.zero.stage)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "decoder" not in k]:  # tied decoder weights may be absent
-        raise ValueError(f"checkpoint {ckpt} does not match its config.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {ckpt} does not match its config.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     tokenizer = load_tokenizer(Path(cfg.data.dataset_dir, manifest["tokenizer"]["dir"]))
     models.save_hf(model, model.state_dict(), tokenizer, out_dir)
     step = checkpoint.read_state(ckpt)["step"]
@@ -196,7 +222,16 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     return {"metrics": {"step": step}, "artifacts": {"hf_model": str(Path(out_dir).resolve()), "checkpoint": str(ckpt)}}
 
 
-def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, text_column: str = "text", text_pair_column: str | None = None, max_length: int = 128, batch_size: int = 64) -> dict:
+def predict(
+    model_dir: str | Path,
+    input_file: str | Path,
+    out_file: str | Path,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
+) -> dict:
     """``ptft predict``: apply a finetuned adapter (or full model) to a file, in this process.
     Writes a CSV with the text(s), the predicted label and its probability."""
     import csv
@@ -223,7 +258,9 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
         for lo in range(0, len(texts), batch_size):
             t, p = texts[lo : lo + batch_size], pairs[lo : lo + batch_size] if text_pair_column else None
             enc = tokenizer(t, p, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            probs = model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits.softmax(-1)
+            probs = model(
+                **{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            ).logits.softmax(-1)
             best = probs.max(-1)
             for i in range(len(t)):
                 writer.writerow([t[i]] + ([p[i]] if p else []) + [names[best.indices[i]], f"{best.values[i]:.4f}"])
@@ -243,9 +280,19 @@ def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
     data_dir = root / "data"
     export_dir = root / "pretrain" / "export"
     group = cfg.pretrain.tracking.group or root.name  # one W&B group: finetuning shown with its pretraining
-    pre = dataclasses.replace(cfg.pretrain, run_dir=str(root / "pretrain"), data=dataclasses.replace(cfg.pretrain.data, dataset_dir=str(data_dir)), tracking=dataclasses.replace(cfg.pretrain.tracking, group=group))
+    pre = dataclasses.replace(
+        cfg.pretrain,
+        run_dir=str(root / "pretrain"),
+        data=dataclasses.replace(cfg.pretrain.data, dataset_dir=str(data_dir)),
+        tracking=dataclasses.replace(cfg.pretrain.tracking, group=group),
+    )
     fins = [
-        dataclasses.replace(job, run_dir=str(root / "finetune" / job.name), base_model=str(export_dir), tracking=dataclasses.replace(job.tracking, group=job.tracking.group or group))
+        dataclasses.replace(
+            job,
+            run_dir=str(root / "finetune" / job.name),
+            base_model=str(export_dir),
+            tracking=dataclasses.replace(job.tracking, group=job.tracking.group or group),
+        )
         for job in cfg.finetune
     ]
     cfg = dataclasses.replace(cfg, run_dir=str(root), pretrain=pre, finetune=fins)
@@ -261,10 +308,22 @@ def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
         pre_summary = pretrain(pre)
         log.info("[3/3] finetuning: %d job(s)", len(fins))
         results = run_finetune_jobs(fins)
-    table = [{"job": name, **{k: r["metrics"].get(k) for k in JOB_COLUMNS}, "error": r.get("error")} for name, r in results.items()]
+    table = [
+        {"job": name, **{k: r["metrics"].get(k) for k in JOB_COLUMNS}, "error": r.get("error")}
+        for name, r in results.items()
+    ]
     summary = {
-        "metrics": {"data": data_summary["metrics"], "pretrain": pre_summary["metrics"], "finetune": {name: r["metrics"] for name, r in results.items()}, "jobs": table},
-        "artifacts": {**data_summary["artifacts"], **pre_summary["artifacts"], "finetune": {name: r.get("artifacts", {}) for name, r in results.items()}},
+        "metrics": {
+            "data": data_summary["metrics"],
+            "pretrain": pre_summary["metrics"],
+            "finetune": {name: r["metrics"] for name, r in results.items()},
+            "jobs": table,
+        },
+        "artifacts": {
+            **data_summary["artifacts"],
+            **pre_summary["artifacts"],
+            "finetune": {name: r.get("artifacts", {}) for name, r in results.items()},
+        },
     }
     from .tracking import write_summary
 
@@ -273,7 +332,16 @@ def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
     return summary
 
 
-JOB_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "trainable_params", "steps", "train_time_s", "started_at", "finished_at")
+JOB_COLUMNS = (
+    "status",
+    "test_accuracy",
+    "test_macro_f1",
+    "trainable_params",
+    "steps",
+    "train_time_s",
+    "started_at",
+    "finished_at",
+)
 
 
 def run_finetune_jobs(jobs_: list[FinetuneConfig]) -> dict[str, dict]:

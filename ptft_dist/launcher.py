@@ -22,7 +22,16 @@ from .config import ConfigError, ScalingConfig, from_dict, to_dict
 log = logging.getLogger(__name__)
 
 #: Environment passed to every Ray worker when set in the driver.
-PASS_ENV = ("TORCH_EXTENSIONS_DIR", "PYTHONWARNINGS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_DIR", "HF_HOME", "DS_ACCELERATOR")
+PASS_ENV = (
+    "TORCH_EXTENSIONS_DIR",
+    "PYTHONWARNINGS",
+    "WANDB_MODE",
+    "WANDB_API_KEY",
+    "WANDB_BASE_URL",
+    "WANDB_DIR",
+    "HF_HOME",
+    "DS_ACCELERATOR",
+)
 
 
 def _job_env_keys() -> set[str]:
@@ -60,22 +69,34 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
     runtime_env = {"env_vars": _env_vars(use_gpu)}
     # The driver prints compact progress lines (progress.Monitor); the workers' and Ray's own
     # lines stay in the session's log files unless PTFT_RAY_LOGS=1 (`ptft --ray-logs`).
-    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=ray_logs(), logging_level=logging.WARNING, configure_logging=True)
+    kwargs: dict[str, Any] = dict(
+        runtime_env=runtime_env, log_to_driver=ray_logs(), logging_level=logging.WARNING, configure_logging=True
+    )
     if address:
         log.info("joining the Ray cluster at %s", address)
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:
             # Ray sends its token to an explicit address only when asked to.
-            hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
-                "; if the cluster uses token authentication (Ray's default when a token exists),"
-                " set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+            hint = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE") == "token"
+                else (
+                    "; if the cluster uses token authentication (Ray's default when a token exists),"
+                    " set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+                )
             )
             raise ConnectionError(f"{e}{hint}") from None
     else:
         # Everything local listens on loopback only. The dashboard also hosts the state API
         # that Ray Train's controller polls (without it, it logs a warning every few seconds).
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            **kwargs,
+        )
     try:
         yield
     finally:
@@ -93,13 +114,17 @@ def _waiting(scaling: ScalingConfig):
     import ray.util
 
     def waiting() -> str | None:
-        pending = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
+        pending = [
+            pg for pg in ray.util.placement_group_table().values() if pg.get("state") in ("PENDING", "RESCHEDULING")
+        ]
         if not pending:
             return None
         free = ray.available_resources()
         gpus = f", {free.get('GPU', 0):g} GPU" if scaling.use_gpu else ""
-        return (f"{scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU{' + 1 GPU' if scaling.use_gpu else ''}; "
-                f"free now: {free.get('CPU', 0):g} CPU{gpus} ({len(pending)} placement group(s) pending)")
+        return (
+            f"{scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU{' + 1 GPU' if scaling.use_gpu else ''}; "
+            f"free now: {free.get('CPU', 0):g} CPU{gpus} ({len(pending)} placement group(s) pending)"
+        )
 
     return waiting
 
@@ -118,7 +143,9 @@ def check_resources(scaling: ScalingConfig, section: str = "") -> None:
             f"but the Ray cluster has {total.get('CPU', 0):g}; lower {field}.num_workers or {field}.cpus_per_worker"
         )
     if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
-        raise ConfigError(f"{field}: {scaling.num_workers} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs")
+        raise ConfigError(
+            f"{field}: {scaling.num_workers} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs"
+        )
 
 
 def _worker_loop(config: dict) -> None:
@@ -132,10 +159,22 @@ def _worker_loop(config: dict) -> None:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
-    world = World(rank=ctx.get_world_rank(), local_rank=ctx.get_local_rank(), world_size=ctx.get_world_size(), node_rank=ctx.get_node_rank())
+    world = World(
+        rank=ctx.get_world_rank(),
+        local_rank=ctx.get_local_rank(),
+        world_size=ctx.get_world_size(),
+        node_rank=ctx.get_node_rank(),
+    )
     # Where each rank landed. Ray numbers nodes by IP, so node_rank alone cannot tell two
     # Ray nodes on one host apart; the node id can.
-    log.info("rank %d/%d on Ray node %s (node_rank %d, local_rank %d)", world.rank, world.world_size, ray.get_runtime_context().get_node_id(), world.node_rank, world.local_rank)
+    log.info(
+        "rank %d/%d on Ray node %s (node_rank %d, local_rank %d)",
+        world.rank,
+        world.world_size,
+        ray.get_runtime_context().get_node_id(),
+        world.node_rank,
+        world.local_rank,
+    )
     module = importlib.import_module(config["recipe"])
     cls = getattr(importlib.import_module("ptft_dist.config"), config["config_class"])
     cfg = from_dict(cls, config["cfg"])
@@ -167,7 +206,11 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
     keep = cfg.checkpoint.keep_last if hasattr(cfg, "checkpoint") else 1
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"recipe": f"ptft_dist.recipes.{recipe}", "config_class": type(cfg).__name__, "cfg": to_dict(cfg)},
+        train_loop_config={
+            "recipe": f"ptft_dist.recipes.{recipe}",
+            "config_class": type(cfg).__name__,
+            "cfg": to_dict(cfg),
+        },
         scaling_config=RayScaling(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -182,9 +225,20 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
         ),
     )
     label = f"{name}[{cfg.name}]" if recipe == "finetune" else name
-    monitor = progress.Monitor(cfg.run_dir, label, max_steps=cfg.optim.max_steps, time_budget_s=getattr(cfg, "time_budget_s", None), waiting=_waiting(cfg.scaling))
+    monitor = progress.Monitor(
+        cfg.run_dir,
+        label,
+        max_steps=cfg.optim.max_steps,
+        time_budget_s=getattr(cfg, "time_budget_s", None),
+        waiting=_waiting(cfg.scaling),
+    )
     if not ray_logs():
-        log.info("%s: %d workers; their logs: %s (PTFT_RAY_LOGS=1 or --ray-logs shows them here)", name, cfg.scaling.num_workers, _log_dir())
+        log.info(
+            "%s: %d workers; their logs: %s (PTFT_RAY_LOGS=1 or --ray-logs shows them here)",
+            name,
+            cfg.scaling.num_workers,
+            _log_dir(),
+        )
     try:
         with monitor:
             return trainer.fit()

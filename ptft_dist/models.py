@@ -68,7 +68,13 @@ def mlm_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int]
     if cfg.family == "roberta":
         # RoBERTa numbers positions from pad_token_id + 1, so it needs two extra slots.
         common["max_position_embeddings"] += 2
-        return RobertaConfig(**common, bos_token_id=special_ids["cls"], eos_token_id=special_ids["sep"], hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+        return RobertaConfig(
+            **common,
+            bos_token_id=special_ids["cls"],
+            eos_token_id=special_ids["sep"],
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+        )
     return ModernBertConfig(
         **common,
         cls_token_id=special_ids["cls"],
@@ -111,7 +117,9 @@ class MaskedOnlyMLM(torch.nn.Module):
         self.mlm = mlm
         self.config = mlm.config
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> MaskedLMOutput:
         encoder = getattr(self.mlm, self.mlm.base_model_prefix)
         hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         flat = labels.reshape(-1)

@@ -21,8 +21,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger("ptft_dist.progress")
 
@@ -39,8 +39,13 @@ def heartbeat(run_dir: str | Path, rank: int, step: int, phase: str = "train") -
 
 
 #: What the driver says of a phase that lasts (a "train" phase is said by its metrics rows).
-PHASES = {"setup": "starting: data, model and DeepSpeed engine", "eval": "evaluating", "checkpoint": "writing a checkpoint",
-          "test": "testing", "export": "exporting the model"}
+PHASES = {
+    "setup": "starting: data, model and DeepSpeed engine",
+    "eval": "evaluating",
+    "checkpoint": "writing a checkpoint",
+    "test": "testing",
+    "export": "exporting the model",
+}
 
 
 def duration(seconds: float) -> str:
@@ -65,9 +70,19 @@ class Monitor:
     being replaced). ``say`` receives every line (default: the log).
     """
 
-    def __init__(self, run_dir: str | Path, name: str, *, max_steps: int, time_budget_s: float | None = None,
-                 waiting: Callable[[], str | None] | None = None, say: Callable[[str], None] | None = None,
-                 interval_s: float = 2.0, wait_notice_s: float = 20.0, slow_phase_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        name: str,
+        *,
+        max_steps: int,
+        time_budget_s: float | None = None,
+        waiting: Callable[[], str | None] | None = None,
+        say: Callable[[str], None] | None = None,
+        interval_s: float = 2.0,
+        wait_notice_s: float = 20.0,
+        slow_phase_s: float = 5.0,
+    ) -> None:
         self.run_dir, self.name = Path(run_dir), name
         self.max_steps, self.time_budget_s = max_steps, time_budget_s
         self.waiting, self.say = waiting, say or log.info
@@ -82,7 +97,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"ptft-progress-{name}", daemon=True)
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self._thread.start()
         return self
 
@@ -91,7 +106,7 @@ class Monitor:
         self._thread.join(timeout=10)
         self.poll()  # the last rows
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -117,7 +132,9 @@ class Monitor:
             self._phase(beat)
         now = time.time()
         # before the workers start, and while they are gone (a lost node, a restart)
-        idle = not self._seen_worker or (beat is not None and now - beat.get("time", now) > max(self.wait_notice_s, 10.0))
+        idle = not self._seen_worker or (
+            beat is not None and now - beat.get("time", now) > max(self.wait_notice_s, 10.0)
+        )
         if idle and self.waiting is not None and now - self._last_wait_notice >= self.wait_notice_s:
             what = self.waiting()
             if what:
@@ -164,14 +181,26 @@ class Monitor:
         """The compact line for one metrics row (None: not worth a line)."""
         step = row.get("step")
         if "eval_mlm_accuracy" in row:
-            return f"step {step} eval | MLM loss {row['eval_mlm_loss']:.3f} | masked-token accuracy {100 * row['eval_mlm_accuracy']:.1f}%"
+            return (
+                f"step {step} eval | MLM loss {row['eval_mlm_loss']:.3f}"
+                f" | masked-token accuracy {100 * row['eval_mlm_accuracy']:.1f}%"
+            )
         if "val_accuracy" in row:
-            return f"step {step} validation | accuracy {100 * row['val_accuracy']:.1f}% | macro-F1 {row.get('val_macro_f1', float('nan')):.3f}"
+            return (
+                f"step {step} validation | accuracy {100 * row['val_accuracy']:.1f}%"
+                f" | macro-F1 {row.get('val_macro_f1', float('nan')):.3f}"
+            )
         if "test_accuracy" in row:
-            return f"test | accuracy {100 * row['test_accuracy']:.1f}% | macro-F1 {row.get('test_macro_f1', float('nan')):.3f}"
+            return (
+                f"test | accuracy {100 * row['test_accuracy']:.1f}%"
+                f" | macro-F1 {row.get('test_macro_f1', float('nan')):.3f}"
+            )
         if "train_loss" not in row:
             return None
-        parts = [f"step {step:,}/{self.max_steps:,}" if not self.time_budget_s else f"step {step:,}", f"loss {row['train_loss']:.3f}"]
+        parts = [
+            f"step {step:,}/{self.max_steps:,}" if not self.time_budget_s else f"step {step:,}",
+            f"loss {row['train_loss']:.3f}",
+        ]
         if "tokens_per_s" in row:
             parts.append(rate(row["tokens_per_s"], "tok/s"))
         elif "examples_per_s" in row:

@@ -49,7 +49,11 @@ class Run:
     @property
     def kind(self) -> str:
         keys = self.keys()
-        if self.eval is not None or "examples_per_s" in keys or "test_accuracy" in (self.summary or {}).get("metrics", {}):
+        if (
+            self.eval is not None
+            or "examples_per_s" in keys
+            or "test_accuracy" in (self.summary or {}).get("metrics", {})
+        ):
             return "finetune"
         if "tokens_per_s" in keys or "eval_mlm_loss" in keys:
             return "pretrain"
@@ -90,7 +94,10 @@ def _read_json(path: Path) -> Any:
 def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl, each checked to be an object with an integer ``step``."""
     if not path.is_file():
-        raise ReportError(f"{path} does not exist: not a run directory (a run directory holds metrics.jsonl, summary.json and config.yaml)")
+        raise ReportError(
+            f"{path} does not exist: not a run directory (a run directory holds metrics.jsonl, summary.json and "
+            "config.yaml)"
+        )
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -100,7 +107,9 @@ def read_rows(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ReportError(f"{path} line {n}: not valid JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
-            raise ReportError(f"{path} line {n}: a row must be a JSON object with an integer 'step' field, got {line[:80]!r}")
+            raise ReportError(
+                f"{path} line {n}: a row must be a JSON object with an integer 'step' field, got {line[:80]!r}"
+            )
         rows.append(row)
     if not rows:
         raise ReportError(f"{path} has no rows: the run logged nothing yet")
@@ -115,14 +124,18 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
     if (path / "summary.json").is_file():
         summary = _read_json(path / "summary.json")
         if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
-            raise ReportError(f"{path / 'summary.json'}: field 'metrics' must be a mapping ({{\"metrics\": ..., \"artifacts\": ...}})")
+            raise ReportError(
+                f'{path / "summary.json"}: field \'metrics\' must be a mapping ({{"metrics": ..., "artifacts": ...}})'
+            )
         if not isinstance(summary.setdefault("artifacts", {}), dict):
             raise ReportError(f"{path / 'summary.json'}: field 'artifacts' must be a mapping")
         run.summary = summary
     if (path / "config.yaml").is_file():
         text = (path / "config.yaml").read_text(encoding="utf-8")
         try:
-            run.config_text = yaml.safe_dump(redact(yaml.safe_load(text), secret_values()), sort_keys=False, default_flow_style=None)
+            run.config_text = yaml.safe_dump(
+                redact(yaml.safe_load(text), secret_values()), sort_keys=False, default_flow_style=None
+            )
         except yaml.YAMLError as e:
             raise ReportError(f"{path / 'config.yaml'}: not valid YAML ({e})") from None
     if (path / "eval.json").is_file():
@@ -136,7 +149,9 @@ def _check_eval(path: Path, scores: Any) -> dict:
     k = len(scores["per_class"])
     matrix = scores.get("confusion_matrix")
     if not isinstance(matrix, list) or len(matrix) != k or not all(isinstance(r, list) and len(r) == k for r in matrix):
-        raise ReportError(f"{path}: field 'confusion_matrix' must be a {k} x {k} list of lists (one row per label of 'per_class')")
+        raise ReportError(
+            f"{path}: field 'confusion_matrix' must be a {k} x {k} list of lists (one row per label of 'per_class')"
+        )
     return scores
 
 
@@ -162,9 +177,14 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             found.append((p, p.resolve().name))
     labels = [label for _, label in found]
     if len(set(labels)) < len(labels):  # same names: tell them apart by their parents
-        labels = [str(path.resolve()).rsplit("/", 2)[-2] + "/" + label if labels.count(label) > 1 else label for (path, _), label in zip(found, labels)]
+        labels = [
+            str(path.resolve()).rsplit("/", 2)[-2] + "/" + label if labels.count(label) > 1 else label
+            for (path, _), label in zip(found, labels)
+        ]
     if len(set(labels)) < len(labels):
-        raise ReportError(f"the same run directory is named twice: {', '.join(sorted({lb for lb in labels if labels.count(lb) > 1}))}")
+        raise ReportError(
+            f"the same run directory is named twice: {', '.join(sorted({lb for lb in labels if labels.count(lb) > 1}))}"
+        )
     return [read_run(path, label) for (path, _), label in zip(found, labels)]
 
 
@@ -184,13 +204,30 @@ class Panel:
 
 
 PANELS = (
-    Panel("loss", "Loss", "cross-entropy loss", (("train_loss", "train"), ("eval_mlm_loss", "validation"), ("eval_loss", "validation"), ("val_loss", "validation"))),
+    Panel(
+        "loss",
+        "Loss",
+        "cross-entropy loss",
+        (
+            ("train_loss", "train"),
+            ("eval_mlm_loss", "validation"),
+            ("eval_loss", "validation"),
+            ("val_loss", "validation"),
+        ),
+    ),
     Panel("lr", "Learning rate", "learning rate", (("lr", ""),)),
     Panel("tokens_per_s", "Throughput", "tokens / s (all ranks)", (("tokens_per_s", ""),)),
     Panel("examples_per_s", "Throughput", "examples / s (all ranks)", (("examples_per_s", ""),)),
     Panel("mfu", "Model FLOPs utilisation", "MFU (% of peak)", (("mfu", ""),), scale=100.0),
-    Panel("eval_accuracy", "Validation masked-token accuracy", "accuracy", (("eval_mlm_accuracy", "validation"), ("eval_accuracy", "validation"))),
-    Panel("perplexity", "Validation perplexity", "perplexity (log scale)", (("eval_perplexity", "validation"),), logy=True),
+    Panel(
+        "eval_accuracy",
+        "Validation masked-token accuracy",
+        "accuracy",
+        (("eval_mlm_accuracy", "validation"), ("eval_accuracy", "validation")),
+    ),
+    Panel(
+        "perplexity", "Validation perplexity", "perplexity (log scale)", (("eval_perplexity", "validation"),), logy=True
+    ),
     Panel("grad_norm", "Gradient norm", "global gradient norm (log scale)", (("grad_norm", ""),), logy=True),
 )
 #: Logged once at the end, shown as bars (finetuning) rather than curves.
@@ -203,7 +240,9 @@ def _memory_panel(keys: set[str]) -> Panel | None:
     mem = sorted(k for k in keys if MEMORY.search(k))
     if not mem:
         return None
-    return Panel("memory", "Memory" + (f": {mem[0]}" if len(mem) == 1 else ""), "memory (MiB)", tuple((k, "") for k in mem))
+    return Panel(
+        "memory", "Memory" + (f": {mem[0]}" if len(mem) == 1 else ""), "memory (MiB)", tuple((k, "") for k in mem)
+    )
 
 
 def _memory_scale(key: str) -> float:
@@ -239,7 +278,11 @@ def _plot_panel(panel: Panel, runs: list[Run], colors: list, out: Path) -> Path 
             scale = panel.scale * (_memory_scale(key) if panel.name == "memory" else 1.0)
             what = role or (key if len(panel.keys) > 1 else "")
             label = ", ".join(x for x in (run.label if len(runs) > 1 else "", what) if x) or key
-            style = dict(linestyle="--", marker="o", markersize=4) if role == "validation" else dict(linestyle="-", marker="o" if len(steps) < 12 else None, markersize=3)
+            style = (
+                dict(linestyle="--", marker="o", markersize=4)
+                if role == "validation"
+                else dict(linestyle="-", marker="o" if len(steps) < 12 else None, markersize=3)
+            )
             ax.plot(steps, [v * scale for v in values], color=color, label=label, linewidth=1.6, **style)
             lines += 1
     if not lines:
@@ -270,7 +313,15 @@ def _plot_others(keys: list[str], runs: list[Run], colors: list, out: Path) -> P
         for run, color in zip(runs, colors):
             steps, values = run.series(key)
             if steps:
-                ax.plot(steps, values, color=color, label=run.label, linewidth=1.4, marker="o" if len(steps) < 12 else None, markersize=3)
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    label=run.label,
+                    linewidth=1.4,
+                    marker="o" if len(steps) < 12 else None,
+                    markersize=3,
+                )
         ax.set_title(key, fontsize="medium")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key)
@@ -281,7 +332,9 @@ def _plot_others(keys: list[str], runs: list[Run], colors: list, out: Path) -> P
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], color=c, linewidth=1.4) for c in colors]
-        fig.legend(handles, [r.label for r in runs], loc="outside lower center", ncols=min(len(runs), 4), fontsize="small")
+        fig.legend(
+            handles, [r.label for r in runs], loc="outside lower center", ncols=min(len(runs), 4), fontsize="small"
+        )
     path = out / "other_metrics.png"
     fig.savefig(path)
     return path
@@ -289,14 +342,26 @@ def _plot_others(keys: list[str], runs: list[Run], colors: list, out: Path) -> P
 
 def _final_metrics(run: Run) -> dict[str, float]:
     """test_* numbers: from summary.json, else the last logged value."""
-    found = {k: float(v) for k, v in ((run.summary or {}).get("metrics") or {}).items() if k.startswith(FINAL_PREFIX) and _is_number(v)}
+    found = {
+        k: float(v)
+        for k, v in ((run.summary or {}).get("metrics") or {}).items()
+        if k.startswith(FINAL_PREFIX) and _is_number(v)
+    }
     for key in run.keys():
         if key.startswith(FINAL_PREFIX) and key not in found:
             found[key] = run.series(key)[1][-1]
     return found
 
 
-def _bars(title: str, ylabel: str, groups: list[str], runs: list[Run], values: list[dict[str, float]], colors: list, path: Path) -> Path:
+def _bars(
+    title: str,
+    ylabel: str,
+    groups: list[str],
+    runs: list[Run],
+    values: list[dict[str, float]],
+    colors: list,
+    path: Path,
+) -> Path:
     import numpy as np
 
     fig = _figure(max(6.0, 1.2 * len(groups) + 2), 4.2)
@@ -330,7 +395,15 @@ def _confusion(run: Run, path: Path) -> Path:
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize="small", color="white" if share[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(counts[i, j])}",
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if share[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted label")
@@ -359,14 +432,36 @@ def make_plots(runs: list[Run], out: Path) -> list[Path]:
     made += [p for p in [_plot_others(others, runs, colors, out)] if p]
     finals = [(r, c, f) for r, c in zip(runs, colors) if (f := _final_metrics(r))]
     if finals:
-        groups = sorted(set().union(*(f for _, _, f in finals)), key=lambda k: (k != "test_accuracy", k != "test_macro_f1", k))
+        groups = sorted(
+            set().union(*(f for _, _, f in finals)), key=lambda k: (k != "test_accuracy", k != "test_macro_f1", k)
+        )
         values = [{k.removeprefix(FINAL_PREFIX): v for k, v in f.items()} for _, _, f in finals]
-        made.append(_bars("Test metrics", "score", [g.removeprefix(FINAL_PREFIX) for g in groups], [r for r, _, _ in finals], values, [c for _, c, _ in finals], out / "test_metrics.png"))
+        made.append(
+            _bars(
+                "Test metrics",
+                "score",
+                [g.removeprefix(FINAL_PREFIX) for g in groups],
+                [r for r, _, _ in finals],
+                values,
+                [c for _, c, _ in finals],
+                out / "test_metrics.png",
+            )
+        )
     scored = [r for r in runs if r.eval is not None]
     if scored:
         labels = list(dict.fromkeys(n for r in scored for n in r.eval["per_class"]))
         f1 = [{n: float(s.get("f1", float("nan"))) for n, s in r.eval["per_class"].items()} for r in scored]
-        made.append(_bars("Per-class F1 (test set)", "F1", labels, scored, f1, [colors[runs.index(r)] for r in scored], out / "per_class_f1.png"))
+        made.append(
+            _bars(
+                "Per-class F1 (test set)",
+                "F1",
+                labels,
+                scored,
+                f1,
+                [colors[runs.index(r)] for r in scored],
+                out / "per_class_f1.png",
+            )
+        )
         made += [_confusion(r, out / f"confusion_{_slug(r.label)}.png") for r in scored]
     return made
 
@@ -402,12 +497,18 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
 def render_html(runs: list[Run], plots: list[Path]) -> str:
     e = html.escape
     out = [f"<h1>ptft report: {e(', '.join(r.label for r in runs))}</h1>"]
-    out.append(f"<p class='note'>Made {datetime.datetime.now().isoformat(timespec='seconds')} by <code>ptft report</code> from metrics.jsonl, summary.json, config.yaml and eval.json.</p>")
+    out.append(
+        f"<p class='note'>Made {datetime.datetime.now().isoformat(timespec='seconds')} by <code>ptft report</code> "
+        "from metrics.jsonl, summary.json, config.yaml and eval.json.</p>"
+    )
     out.append("<h2>Runs</h2><table><tr><th>run</th><th>kind</th><th>steps logged</th><th>directory</th></tr>")
     for r in runs:
         steps = [row["step"] for row in r.rows]
         status = "" if r.summary else " <span class='note'>(no summary.json: still running, or stopped)</span>"
-        out.append(f"<tr><td>{e(r.label)}</td><td>{e(r.kind)}</td><td class='num'>{min(steps)}-{max(steps)}</td><td><code>{e(str(r.path.resolve()))}</code>{status}</td></tr>")
+        out.append(
+            f"<tr><td>{e(r.label)}</td><td>{e(r.kind)}</td><td "
+            f"class='num'>{min(steps)}-{max(steps)}</td><td><code>{e(str(r.path.resolve()))}</code>{status}</td></tr>"
+        )
     out.append("</table>")
 
     out.append("<h2>Summary</h2>")
@@ -415,7 +516,9 @@ def render_html(runs: list[Run], plots: list[Path]) -> str:
     if names:
         out.append("<table><tr><th>metric</th>" + "".join(f"<th>{e(r.label)}</th>" for r in runs) + "</tr>")
         for name in names:
-            cells = "".join(f"<td class='num'>{e(_fmt((r.summary or {}).get('metrics', {}).get(name, '')))}</td>" for r in runs)
+            cells = "".join(
+                f"<td class='num'>{e(_fmt((r.summary or {}).get('metrics', {}).get(name, '')))}</td>" for r in runs
+            )
             out.append(f"<tr><td>{e(name)}</td>{cells}</tr>")
         out.append("</table>")
         for r in runs:

@@ -30,6 +30,7 @@ from .world import World
 
 log = logging.getLogger(__name__)
 
+
 def has_wandb_key() -> bool:
     """True when W&B can log in without asking: ``WANDB_API_KEY`` or a ``wandb login`` entry
     in ~/.netrc for the W&B host. Never reads the key into anything we keep."""
@@ -71,7 +72,16 @@ class Tracker:
             under it. Takes precedence over ``cfg.run_id``.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: TrackingConfig, world: World, *, config: dict | None = None, job_type: str = "train", resume_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: TrackingConfig,
+        world: World,
+        *,
+        config: dict | None = None,
+        job_type: str = "train",
+        resume_id: str | None = None,
+    ):
         self.active = world.is_rank_zero
         self.run_dir = Path(run_dir)
         self.cfg = cfg
@@ -119,7 +129,9 @@ class Tracker:
         self._wandb.define_metric("step")
         self._wandb.define_metric("*", step_metric="step")
         verb = "continuing" if resume_id else "started"
-        log.info("W&B run %s %s (project %s, group %s, %s)", run_id, verb, self.cfg.project, self.cfg.group or "-", mode)
+        log.info(
+            "W&B run %s %s (project %s, group %s, %s)", run_id, verb, self.cfg.project, self.cfg.group or "-", mode
+        )
         if mode == "offline":
             self._offline_dir = Path(self._wandb.dir).parent
             why = "WANDB_MODE=offline" if os.environ.get("WANDB_MODE") else "no API key"
@@ -132,7 +144,10 @@ class Tracker:
             return None
         # Each start of a resumed run is one folder, named by its start time (plus "-1"...
         # when two start within a second); the log file inside is named by the run id.
-        parts = sorted({str(p.parent) for p in self._offline_dir.parent.glob(f"offline-run-*/run-{self._run_id}.wandb")} | {str(self._offline_dir)})
+        parts = sorted(
+            {str(p.parent) for p in self._offline_dir.parent.glob(f"offline-run-*/run-{self._run_id}.wandb")}
+            | {str(self._offline_dir)}
+        )
         return "wandb sync " + " ".join(parts)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -27,7 +27,7 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "World":
+    def from_env(cls) -> World:
         env = os.environ
         return cls(
             rank=int(env.get("RANK", 0)),

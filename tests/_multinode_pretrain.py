@@ -53,7 +53,17 @@ def main(out: Path) -> int:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         dataset = out / "data"
-        build(C.DataBuildConfig(max_documents=800, seq_len=64, samples_per_shard=64, validation_fraction=0.05, tokenizer=C.TokenizerConfig(vocab_size=800)), dataset, progress=False)
+        build(
+            C.DataBuildConfig(
+                max_documents=800,
+                seq_len=64,
+                samples_per_shard=64,
+                validation_fraction=0.05,
+                tokenizer=C.TokenizerConfig(vocab_size=800),
+            ),
+            dataset,
+            progress=False,
+        )
         overrides = [
             "scaling.num_workers=2",
             "scaling.cpus_per_worker=1",

@@ -40,28 +40,53 @@ def main(dataset: Path, out: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not os.environ.get("RAY_TMPDIR"):
         sys.exit("set RAY_TMPDIR to a private directory (see tests/_multinode_pretrain.py)")
-    head_args = {"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
-                 "dashboard_agent_listen_port": _free_port(), "gcs_server_port": _free_port()}
+    head_args = {
+        "num_cpus": 1,
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": _free_port(),
+        "dashboard_agent_listen_port": _free_port(),
+        "gcs_server_port": _free_port(),
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         doomed = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         common = [
-            "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.max_failures=2",
-            "optim.max_steps=30", "checkpoint.every_steps=8", "data.ledger=true", "tracking.log_every_steps=1",
-            "optim.micro_batch_size_per_rank=16", "optim.global_batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=3",
-            "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128",
-            "eval_every_steps=1000", "data.num_eval_samples=16", f"data.dataset_dir={dataset}",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1",
+            "scaling.max_failures=2",
+            "optim.max_steps=30",
+            "checkpoint.every_steps=8",
+            "data.ledger=true",
+            "tracking.log_every_steps=1",
+            "optim.micro_batch_size_per_rank=16",
+            "optim.global_batch_size=32",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=3",
+            "model.hidden_size=64",
+            "model.num_layers=2",
+            "model.num_heads=2",
+            "model.intermediate_size=128",
+            "eval_every_steps=1000",
+            "data.num_eval_samples=16",
+            f"data.dataset_dir={dataset}",
         ]
         with launcher.session(cluster.address):
             straight = jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={out / 'straight'}"]))
 
             lost_dir = out / "lost"
             outcome: dict = {}
-            runner = threading.Thread(target=lambda: outcome.update(summary=jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={lost_dir}"]))))
+            runner = threading.Thread(
+                target=lambda: outcome.update(
+                    summary=jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={lost_dir}"]))
+                )
+            )
             runner.start()
             deadline = time.time() + 300
-            while not ((_beat(lost_dir, 0) or {}).get("step", 0) >= 12 and (_beat(lost_dir, 1) or {}).get("step", 0) >= 12):
+            while not (
+                (_beat(lost_dir, 0) or {}).get("step", 0) >= 12 and (_beat(lost_dir, 1) or {}).get("step", 0) >= 12
+            ):
                 if time.time() > deadline or not runner.is_alive():
                     raise TimeoutError("the run never reached step 12")
                 time.sleep(0.05)
@@ -75,7 +100,18 @@ def main(dataset: Path, out: Path) -> int:
             if "summary" not in outcome:
                 raise RuntimeError("the run did not finish after the node came back")
             after = {r: _beat(lost_dir, r)["pid"] for r in (0, 1)}
-        print(json.dumps({"straight": straight, "lost": outcome["summary"], "removed_node": doomed.node_id, "pids_before": before, "pids_after": after}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "straight": straight,
+                    "lost": outcome["summary"],
+                    "removed_node": doomed.node_id,
+                    "pids_before": before,
+                    "pids_after": after,
+                }
+            ),
+            flush=True,
+        )
     finally:
         cluster.shutdown()
     return 0

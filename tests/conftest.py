@@ -22,7 +22,13 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from ptft_dist.data.build import build
 
     out = tmp_path_factory.mktemp("data") / "tiny"
-    cfg = DataBuildConfig(max_documents=2000, seq_len=64, samples_per_shard=100, validation_fraction=0.05, tokenizer=TokenizerConfig(vocab_size=1000))
+    cfg = DataBuildConfig(
+        max_documents=2000,
+        seq_len=64,
+        samples_per_shard=100,
+        validation_fraction=0.05,
+        tokenizer=TokenizerConfig(vocab_size=1000),
+    )
     build(cfg, out, progress=False)
     return out
 
@@ -45,7 +51,9 @@ def small_fs(tmp_path):
     def mount(size: str) -> Path:
         path = tmp_path / f"fs-{size}-{len(mounts)}"
         path.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode:
             pytest.skip("mounting a small tmpfs needs root")
         mounts.append(path)
         return path

@@ -29,7 +29,12 @@ def write_dataset(out: Path, sizes: list[int] = UNEVEN_SIZES, valid_sizes: list[
             index = np.arange(writer.num_samples, writer.num_samples + n)
             writer.add((index[:, None] + np.arange(SEQ_LEN)[None, :]) % 60000)
             writer.close_shard()
-        splits[split] = {"num_documents": 0, "num_samples": writer.num_samples, "num_tokens": writer.num_samples * SEQ_LEN, "shards": writer.shards}
+        splits[split] = {
+            "num_documents": 0,
+            "num_samples": writer.num_samples,
+            "num_tokens": writer.num_samples * SEQ_LEN,
+            "shards": writer.shards,
+        }
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -37,7 +42,11 @@ def write_dataset(out: Path, sizes: list[int] = UNEVEN_SIZES, valid_sizes: list[
         "vocab_size": 60000,
         "dtype": dtype.str,
         "record_bytes": record_bytes(SEQ_LEN, 2),
-        "tokenizer": {"dir": "tokenizer", "sha256": "0" * 64, "special_ids": {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}},
+        "tokenizer": {
+            "dir": "tokenizer",
+            "sha256": "0" * 64,
+            "special_ids": {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+        },
         "sources": [],
         "splits": splits,
     }

@@ -27,10 +27,20 @@ def test_strict_spread_puts_the_two_workers_on_different_nodes(tmp_path):
     # A private Ray temp dir, short enough for Ray's socket paths: Cluster records its
     # address there, where no other ray.init() on this machine looks.
     ray_tmp = tempfile.mkdtemp(prefix="ptft-mn-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0", PTFT_RAY_LOGS="1")  # every worker's start-up line, on the console
+    env = dict(
+        os.environ, RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0", PTFT_RAY_LOGS="1"
+    )  # every worker's start-up line, on the console
     env.pop("RAY_ADDRESS", None)
     try:
-        r = subprocess.run([sys.executable, ROOT / "tests" / "_multinode_pretrain.py", tmp_path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, ROOT / "tests" / "_multinode_pretrain.py", tmp_path],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = r.stdout + r.stderr

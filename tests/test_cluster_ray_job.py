@@ -30,10 +30,22 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list, timeout_s: float, check_rc: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(a) for a in args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+def _run(
+    args: list, timeout_s: float, check_rc: int | None = 0, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [str(a) for a in args],
+        cwd=ROOT,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+    )
     if check_rc is not None:
-        assert r.returncode == check_rc, f"{args[0]} exited {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-4000:]}"
+        assert r.returncode == check_rc, (
+            f"{args[0]} exited {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-4000:]}"
+        )
     return r
 
 
@@ -42,10 +54,17 @@ def ray_head(tmp_path):
     """A real head (2 CPUs) on free ports, dashboard on 127.0.0.1; always stopped."""
     state = tmp_path / "head"
     try:
-        _run([sys.executable, ROOT / "cluster/local/ray_head.py", "start", "--state-dir", state, "--num-cpus", "2"], timeout_s=240)
+        _run(
+            [sys.executable, ROOT / "cluster/local/ray_head.py", "start", "--state-dir", state, "--num-cpus", "2"],
+            timeout_s=240,
+        )
         yield json.loads((state / "head.json").read_text())
     finally:
-        _run([sys.executable, ROOT / "cluster/local/ray_head.py", "stop", "--state-dir", state], timeout_s=120, check_rc=None)
+        _run(
+            [sys.executable, ROOT / "cluster/local/ray_head.py", "stop", "--state-dir", state],
+            timeout_s=120,
+            check_rc=None,
+        )
 
 
 @pytest.mark.dist
@@ -56,7 +75,22 @@ def test_submit_pipeline_follow_logs_and_stop_a_job(tmp_path, ray_head):
 
     t0 = time.monotonic()
     # 1. submit the tiny pipeline and follow it to the end
-    r = _run([LAUNCH / "ray-submit.sh", "--address", address, "--job-id", "tiny-pipeline", "pipeline", "--config", "pipeline_tiny", "--run-dir", run_dir, *TINY], timeout_s=900)
+    r = _run(
+        [
+            LAUNCH / "ray-submit.sh",
+            "--address",
+            address,
+            "--job-id",
+            "tiny-pipeline",
+            "pipeline",
+            "--config",
+            "pipeline_tiny",
+            "--run-dir",
+            run_dir,
+            *TINY,
+        ],
+        timeout_s=900,
+    )
     assert "job tiny-pipeline: SUCCEEDED" in r.stdout
     # the driver joined the head rather than starting a Ray of its own
     assert "joining the Ray cluster at" in r.stdout + r.stderr
@@ -69,7 +103,11 @@ def test_submit_pipeline_follow_logs_and_stop_a_job(tmp_path, ray_head):
     t1 = time.monotonic()
     # `ptft --address` joins the same head as a plain driver; with a token on this machine the
     # head uses token authentication, and a driver sends it when told to (cluster-local.md)
-    join = "import ray\nfrom ptft_dist import launcher\nwith launcher.session(%r):\n    print('cpus', ray.cluster_resources()['CPU'])" % ray_head["gcs_address"]
+    join = (
+        "import ray\nfrom ptft_dist import launcher\n"
+        f"with launcher.session({ray_head['gcs_address']!r}):\n"
+        "    print('cpus', ray.cluster_resources()['CPU'])"
+    )
     env = _env()
     if (Path.home() / ".ray" / "auth_token").is_file():
         env["RAY_AUTH_MODE"] = "token"
@@ -81,12 +119,29 @@ def test_submit_pipeline_follow_logs_and_stop_a_job(tmp_path, ray_head):
 
     # 3. a long pretraining, submitted without waiting, then stopped
     long_dir = tmp_path / "long"
-    _run([LAUNCH / "ray-submit.sh", "--address", address, "--no-wait", "--job-id", "long-pretrain", "pretrain", "--run-dir", long_dir, f"data.dataset_dir={run_dir / 'data'}", "optim.max_steps=100000"], timeout_s=300)
+    _run(
+        [
+            LAUNCH / "ray-submit.sh",
+            "--address",
+            address,
+            "--no-wait",
+            "--job-id",
+            "long-pretrain",
+            "pretrain",
+            "--run-dir",
+            long_dir,
+            f"data.dataset_dir={run_dir / 'data'}",
+            "optim.max_steps=100000",
+        ],
+        timeout_s=300,
+    )
     deadline = time.monotonic() + 240
     while not (long_dir / "config.yaml").exists():  # the driver is running ptft
         assert time.monotonic() < deadline, "the submitted pretraining never started"
         time.sleep(1)
-    assert _run([LAUNCH / "ray-status.sh", "--address", address, "long-pretrain"], timeout_s=60, check_rc=3).stdout.startswith("job long-pretrain: RUNNING")
+    assert _run(
+        [LAUNCH / "ray-status.sh", "--address", address, "long-pretrain"], timeout_s=60, check_rc=3
+    ).stdout.startswith("job long-pretrain: RUNNING")
     r = _run([LAUNCH / "ray-stop.sh", "--address", address, "long-pretrain"], timeout_s=180)
     assert "job long-pretrain: STOPPED" in r.stdout
     _run([LAUNCH / "ray-status.sh", "--address", address, "long-pretrain"], timeout_s=60, check_rc=1)

@@ -39,8 +39,13 @@ def _ensure_slurm() -> str | None:
     if not _missing():
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"Slurm is not installed ({', '.join(_missing())} missing) and cannot be: installing needs root and apt-get (`cluster/slurm/local-cluster.sh install`)"
-    r = subprocess.run([str(LOCAL_CLUSTER), "install"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+        return (
+            f"Slurm is not installed ({', '.join(_missing())} missing) and cannot be: "
+            "installing needs root and apt-get (`cluster/slurm/local-cluster.sh install`)"
+        )
+    r = subprocess.run(
+        [str(LOCAL_CLUSTER), "install"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+    )
     if r.returncode != 0:
         return f"installing slurm-wlm and munge failed (exit {r.returncode}): {(r.stderr or r.stdout)[-600:]}"
     return f"still missing after install: {', '.join(_missing())}" if _missing() else None
@@ -73,28 +78,56 @@ def slurm_cluster():
     state = Path(tempfile.mkdtemp(prefix="ptft-slurm-", dir="/tmp" if os.path.isdir("/tmp") else None))
     pidfiles = [state / "slurmctld.pid", state / "slurmd.pid", state / "munge" / "munged.pid"]
     try:
-        r = subprocess.run([str(LOCAL_CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [str(LOCAL_CLUSTER), "start", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+        )
         assert r.returncode == 0, f"local-cluster.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         yield _env(str(state / "slurm.conf"))
     finally:
         pids = [_pid_alive(p) for p in pidfiles]
-        subprocess.run([str(LOCAL_CLUSTER), "stop", str(state)], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [str(LOCAL_CLUSTER), "stop", str(state)], capture_output=True, timeout=120, stdin=subprocess.DEVNULL
+        )
         for pid in filter(None, pids):
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), f"daemon {pid} survived local-cluster.sh stop"
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), (
+                f"daemon {pid} survived local-cluster.sh stop"
+            )
         shutil.rmtree(state, ignore_errors=True)
 
 
 def _queued(env: dict) -> list[str]:
-    return subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=60).stdout.split()
+    return subprocess.run(
+        ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=60
+    ).stdout.split()
 
 
 def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slurm_cluster, tmp_path):
     env = slurm_cluster
     run_dir = tmp_path / "run"
     cpus = max(2, min(os.cpu_count() or 2, 4))
-    cmd = [str(SUBMIT), "--wait", "--nodes=1", f"--cpus-per-task={cpus}", "--time=30", f"--output={tmp_path}/ptft-%j.out", "--", "pipeline", "--config", "pipeline_tiny", "--run-dir", str(run_dir), *TINY]
+    cmd = [
+        str(SUBMIT),
+        "--wait",
+        "--nodes=1",
+        f"--cpus-per-task={cpus}",
+        "--time=30",
+        f"--output={tmp_path}/ptft-%j.out",
+        "--",
+        "pipeline",
+        "--config",
+        "pipeline_tiny",
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+    ]
     start = time.monotonic()
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL
+    )
     elapsed_s = time.monotonic() - start
     job = re.search(r"submitted Slurm job (\d+)", r.stdout)
     assert job, f"not submitted:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -106,7 +139,9 @@ def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slur
 
     # The job is gone from the queue, and slurmctld says it COMPLETED.
     assert job_id not in _queued(env)
-    show = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=60).stdout
+    show = subprocess.run(
+        ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
     assert "JobState=COMPLETED" in show, f"{show}\n--- job output\n{output[-6000:]}"
     # The exit code, from the job's own output: its last word on ptft.
     assert re.findall(r"^ptft exited with (\d+)$", output, re.M)[-1:] == ["0"], output[-6000:]
@@ -120,7 +155,9 @@ def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slur
     assert (Path(summary["artifacts"]["hf_model"]) / "model.safetensors").is_file()
     assert list((run_dir / "finetune").rglob("adapter_config.json")), "finetuning exported no adapter"
     # Teardown: no process of the job's Ray is left behind.
-    leftovers = subprocess.run(["pgrep", "-f", f"/tmp/ray-ptft-{job_id}/"], capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"/tmp/ray-ptft-{job_id}/"], capture_output=True, text=True
+    ).stdout.split()
     assert not leftovers, f"Ray processes of job {job_id} still running: {leftovers}"
     print(f"slurm job {job_id}: submit -> COMPLETED in {elapsed_s:.0f} s")
 
@@ -128,7 +165,14 @@ def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slur
 def test_submit_refuses_a_bad_command_without_queueing(slurm_cluster, tmp_path):
     env = slurm_cluster
     before = _queued(env)
-    r = subprocess.run([str(SUBMIT), "--nodes=1", "--", "pretrain", "--run-dir", str(tmp_path), "optim.max_stepz=4"], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [str(SUBMIT), "--nodes=1", "--", "pretrain", "--run-dir", str(tmp_path), "optim.max_stepz=4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2
     assert "max_stepz" in r.stderr and "not submitted" in r.stderr
     assert _queued(env) == before

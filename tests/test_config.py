@@ -38,7 +38,10 @@ def test_wrong_type_names_field_and_value():
 
 def test_batch_arithmetic_is_validated_once_with_every_factor():
     with pytest.raises(C.ConfigError) as e:
-        C.load("pretrain", overrides=["optim.global_batch_size=24", "optim.micro_batch_size_per_rank=8", "scaling.num_workers=2"])
+        C.load(
+            "pretrain",
+            overrides=["optim.global_batch_size=24", "optim.micro_batch_size_per_rank=8", "scaling.num_workers=2"],
+        )
     msg = str(e.value)
     assert "optim.global_batch_size=24" in msg and "micro_batch_size_per_rank=8" in msg and "num_workers=2" in msg
     cfg = C.load("pretrain", overrides=["optim.global_batch_size=64", "optim.micro_batch_size_per_rank=8"])
@@ -77,7 +80,9 @@ def test_yaml_is_data_not_code(tmp_path):
 
 
 def test_deepspeed_config_is_derived():
-    cfg = C.load("pretrain", overrides=["zero.stage=3", "optim.global_batch_size=64", "optim.micro_batch_size_per_rank=8"])
+    cfg = C.load(
+        "pretrain", overrides=["zero.stage=3", "optim.global_batch_size=64", "optim.micro_batch_size_per_rank=8"]
+    )
     ds = C.deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=False)
     assert ds["train_batch_size"] == 64
     assert ds["train_micro_batch_size_per_gpu"] == 8
@@ -96,7 +101,9 @@ def test_every_field_is_documented():
 
 
 def _ptft(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ptft_dist.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ptft_dist.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_cli_config_error_is_one_paragraph_and_starts_nothing(tmp_path):

@@ -22,7 +22,10 @@ WORDS = "the city river north old house music war game film song team first seco
 
 def _documents(n: int, seed: int = 0, tag: str = "") -> list[str]:
     rng = np.random.default_rng(seed)
-    return [" ".join([tag] * bool(tag) + [WORDS[j] for j in rng.integers(0, len(WORDS), rng.integers(5, 40))]) for i in range(n)]
+    return [
+        " ".join([tag] * bool(tag) + [WORDS[j] for j in rng.integers(0, len(WORDS), rng.integers(5, 40))])
+        for i in range(n)
+    ]
 
 
 def _write(path: Path, docs: list[str]) -> Path:
@@ -87,11 +90,22 @@ def test_packing_joins_documents_with_sep_and_no_padding(tmp_path, tiny_dataset)
 
     docs = _documents(300, seed=5)
     src = _write(tmp_path / "c.txt", docs)
-    cfg = DataBuildConfig(inputs=[str(src)], seq_len=24, samples_per_shard=30, validation_fraction=0.1, tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")))
+    cfg = DataBuildConfig(
+        inputs=[str(src)],
+        seq_len=24,
+        samples_per_shard=30,
+        validation_fraction=0.1,
+        tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")),
+    )
     m = build(cfg, tmp_path / "out", progress=False)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
     ids = m["tokenizer"]["special_ids"]
-    expected = [t for d in docs if not is_validation(d, 0.1) for t in tok(d, add_special_tokens=False)["input_ids"] + [ids["sep"]]]
+    expected = [
+        t
+        for d in docs
+        if not is_validation(d, 0.1)
+        for t in tok(d, add_special_tokens=False)["input_ids"] + [ids["sep"]]
+    ]
     _, samples = read_all(tmp_path / "out", "train")
     assert (samples[:, 0] == ids["cls"]).all() and not (samples == ids["pad"]).any()
     body = samples[:, 1:].reshape(-1).tolist()
@@ -110,7 +124,9 @@ def test_masking_statistics():
     ids = torch.randint(10, 1000, (64, 128))
     ids[:, 0] = 2  # [CLS]
     ids[:, -1] = 3  # [SEP]
-    inputs, labels = mask_tokens(ids, mlm_probability=0.15, mask_id=4, vocab_size=1000, special_ids=[2, 3, 0], generator=gen)
+    inputs, labels = mask_tokens(
+        ids, mlm_probability=0.15, mask_id=4, vocab_size=1000, special_ids=[2, 3, 0], generator=gen
+    )
     chosen = labels != -100
     assert not chosen[:, 0].any() and not chosen[:, -1].any()
     rate = chosen.float().mean().item() * 128 / 126
@@ -121,16 +137,33 @@ def test_masking_statistics():
     assert 0.78 < as_mask < 0.82
     assert 0.08 < kept < 0.12  # the 10% kept (+ random draws that hit the same id, ~0.1%)
     assert torch.equal(inputs[~chosen], ids[~chosen])
-    again, _ = mask_tokens(ids, mlm_probability=0.15, mask_id=4, vocab_size=1000, special_ids=[2, 3, 0], generator=torch.Generator().manual_seed(0))
+    again, _ = mask_tokens(
+        ids,
+        mlm_probability=0.15,
+        mask_id=4,
+        vocab_size=1000,
+        special_ids=[2, 3, 0],
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(again, inputs)
 
 
 def test_jsonl_and_gz_inputs(tmp_path):
-    lines = [json.dumps({"body": f"sentence {i} about the {w} of things"}) for i, w in enumerate(["shape", "colour", "size"] * 200)]
+    lines = [
+        json.dumps({"body": f"sentence {i} about the {w} of things"})
+        for i, w in enumerate(["shape", "colour", "size"] * 200)
+    ]
     src = tmp_path / "corpus.jsonl.gz"
     with gzip.open(src, "wt") as fh:
         fh.write("\n".join(lines))
-    cfg = DataBuildConfig(inputs=[str(tmp_path / "*.jsonl.gz")], text_field="body", seq_len=16, samples_per_shard=50, validation_fraction=0.1, tokenizer=TokenizerConfig(vocab_size=200, kind="bpe"))
+    cfg = DataBuildConfig(
+        inputs=[str(tmp_path / "*.jsonl.gz")],
+        text_field="body",
+        seq_len=16,
+        samples_per_shard=50,
+        validation_fraction=0.1,
+        tokenizer=TokenizerConfig(vocab_size=200, kind="bpe"),
+    )
     m = build(cfg, tmp_path / "out", progress=False)
     assert m["splits"]["train"]["num_samples"] > 0
 
@@ -141,11 +174,19 @@ def test_bad_inputs_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"other": 1}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: no field 'text'"):
-        build(DataBuildConfig(inputs=[str(bad)], tokenizer=TokenizerConfig(vocab_size=100)), tmp_path / "o2", progress=False)
+        build(
+            DataBuildConfig(inputs=[str(bad)], tokenizer=TokenizerConfig(vocab_size=100)),
+            tmp_path / "o2",
+            progress=False,
+        )
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short\n")
     with pytest.raises(DataError, match="no complete sample"):
-        build(DataBuildConfig(inputs=[str(tiny)], tokenizer=TokenizerConfig(vocab_size=100)), tmp_path / "o3", progress=False)
+        build(
+            DataBuildConfig(inputs=[str(tiny)], tokenizer=TokenizerConfig(vocab_size=100)),
+            tmp_path / "o3",
+            progress=False,
+        )
 
 
 def test_build_refuses_to_overwrite(tiny_dataset):
@@ -160,7 +201,14 @@ def test_every_format_gives_the_same_shards(tmp_path, tiny_dataset, name):
     tok = str(tiny_dataset / "tokenizer")
 
     def shards(src: Path, out: str) -> list[str]:
-        cfg = DataBuildConfig(inputs=[str(src)], text_field="body", seq_len=32, samples_per_shard=40, validation_fraction=0.1, tokenizer=TokenizerConfig(path=tok))
+        cfg = DataBuildConfig(
+            inputs=[str(src)],
+            text_field="body",
+            seq_len=32,
+            samples_per_shard=40,
+            validation_fraction=0.1,
+            tokenizer=TokenizerConfig(path=tok),
+        )
         m = build(cfg, tmp_path / out, progress=False)
         return [sh["sha256"] for sh in m["splits"]["train"]["shards"] + m["splits"]["valid"]["shards"]]
 
@@ -173,15 +221,31 @@ def test_tokenizer_processes_do_not_change_the_shards(tmp_path, tiny_dataset):
     src = _write(tmp_path / "c.txt", _documents(3000))  # 3 batches: the last two go to the processes
     out = {}
     for num_proc in (0, 2):
-        cfg = DataBuildConfig(inputs=[str(src)], seq_len=32, samples_per_shard=200, tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")), num_proc=num_proc)
-        out[num_proc] = [sh["sha256"] for sh in build(cfg, tmp_path / f"p{num_proc}", progress=False)["splits"]["train"]["shards"]]
+        cfg = DataBuildConfig(
+            inputs=[str(src)],
+            seq_len=32,
+            samples_per_shard=200,
+            tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")),
+            num_proc=num_proc,
+        )
+        out[num_proc] = [
+            sh["sha256"] for sh in build(cfg, tmp_path / f"p{num_proc}", progress=False)["splits"]["train"]["shards"]
+        ]
     assert out[0] == out[2]
 
 
 def test_mixing_weights_repeat_and_subsample_sources(tmp_path, tiny_dataset):
     a = _write(tmp_path / "a.txt", _documents(400, seed=1, tag="alpha"))
     b = _write(tmp_path / "b.jsonl", _documents(400, seed=2, tag="beta"))
-    cfg = DataBuildConfig(inputs=[str(a), str(b)], input_weights=[2, 0.5], text_field="body", seq_len=32, samples_per_shard=200, validation_fraction=0.1, tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")))
+    cfg = DataBuildConfig(
+        inputs=[str(a), str(b)],
+        input_weights=[2, 0.5],
+        text_field="body",
+        seq_len=32,
+        samples_per_shard=200,
+        validation_fraction=0.1,
+        tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")),
+    )
     m = build(cfg, tmp_path / "mix", progress=False)
     src_a, src_b = m["sources"]
     docs_a = [d for d in _documents(400, seed=1, tag="alpha") if not is_validation(d, 0.1)]
@@ -197,13 +261,21 @@ def test_mixing_weights_repeat_and_subsample_sources(tmp_path, tiny_dataset):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "mix" / "tokenizer"))
     shards = m["splits"]["train"]["shards"]
     for shard in (shards[0], shards[-1]):
-        text = " ".join(tok.decode(ids.tolist()) for _, ids in iter_shard(str(tmp_path / "mix" / shard["file"]), np.dtype(m["dtype"]), 32))
+        text = " ".join(
+            tok.decode(ids.tolist())
+            for _, ids in iter_shard(str(tmp_path / "mix" / shard["file"]), np.dtype(m["dtype"]), 32)
+        )
         assert "alpha" in text and "beta" in text
 
 
 def test_shard_size_by_target_megabytes(tmp_path, tiny_dataset):
     src = _write(tmp_path / "c.txt", _documents(2000))
-    cfg = DataBuildConfig(inputs=[str(src)], seq_len=64, shard_size_mb=0.1, tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")))
+    cfg = DataBuildConfig(
+        inputs=[str(src)],
+        seq_len=64,
+        shard_size_mb=0.1,
+        tokenizer=TokenizerConfig(path=str(tiny_dataset / "tokenizer")),
+    )
     m = build(cfg, tmp_path / "out", progress=False)
     rec = record_bytes(64, 2)
     assert m["record_bytes"] == rec and m["build"]["samples_per_shard"] == 100_000 // rec
@@ -250,19 +322,37 @@ def test_bad_input_files_are_named(tmp_path):
     for name, (content, message) in cases.items():
         (tmp_path / name).write_text(content)
         with pytest.raises(DataError, match=message):
-            build(DataBuildConfig(inputs=[str(tmp_path / name)], text_field="body", tokenizer=TokenizerConfig(vocab_size=100)), tmp_path / f"o_{name}", progress=False)
+            build(
+                DataBuildConfig(
+                    inputs=[str(tmp_path / name)], text_field="body", tokenizer=TokenizerConfig(vocab_size=100)
+                ),
+                tmp_path / f"o_{name}",
+                progress=False,
+            )
     whole = gzip.compress(("some words here\n" * 5000).encode())
     (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match=r"cut\.txt\.gz: cannot be read to the end"):
-        build(DataBuildConfig(inputs=[str(tmp_path / "cut.txt.gz")], tokenizer=TokenizerConfig(vocab_size=100)), tmp_path / "o_cut", progress=False)
+        build(
+            DataBuildConfig(inputs=[str(tmp_path / "cut.txt.gz")], tokenizer=TokenizerConfig(vocab_size=100)),
+            tmp_path / "o_cut",
+            progress=False,
+        )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(DataError, match=r"ints\.parquet: column 'body' is int64, not text"):
-        build(DataBuildConfig(inputs=[str(tmp_path / "ints.parquet")], text_field="body", tokenizer=TokenizerConfig(vocab_size=100)), tmp_path / "o_pq", progress=False)
+        build(
+            DataBuildConfig(
+                inputs=[str(tmp_path / "ints.parquet")], text_field="body", tokenizer=TokenizerConfig(vocab_size=100)
+            ),
+            tmp_path / "o_pq",
+            progress=False,
+        )
     (tmp_path / "x.parquet.gz").write_bytes(b"")
     with pytest.raises(DataError, match="Parquet is compressed inside the file"):
         build(DataBuildConfig(inputs=[str(tmp_path / "x.parquet.gz")]), tmp_path / "o_pqgz", progress=False)
     with pytest.raises(DataError, match=r"input_weights\[0\] = -1.0"):
-        build(DataBuildConfig(inputs=[str(tmp_path / "no_col.csv")], input_weights=[-1]), tmp_path / "o_w", progress=False)
+        build(
+            DataBuildConfig(inputs=[str(tmp_path / "no_col.csv")], input_weights=[-1]), tmp_path / "o_w", progress=False
+        )

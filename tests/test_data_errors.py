@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from dataset_helpers import UNEVEN_SIZES, collate, write_dataset
 from torch.utils.data import DataLoader
 
-from dataset_helpers import UNEVEN_SIZES, collate, write_dataset
 from ptft_dist.data.build import read_manifest
 from ptft_dist.data.errors import DataError
 from ptft_dist.data.shards import record_bytes
@@ -83,7 +83,9 @@ def test_missing_shard(ds, caplog):
 def test_truncated_shard(ds):
     path, entry = _shard(ds, 4)
     path.write_bytes(path.read_bytes()[: 5 * REC + 100])
-    with pytest.raises(DataError, match=rf"shard {path} is truncated: 5,220 bytes, manifest.json says {entry['num_bytes']:,}"):
+    with pytest.raises(
+        DataError, match=rf"shard {path} is truncated: 5,220 bytes, manifest.json says {entry['num_bytes']:,}"
+    ):
         ShardStream(ds, "train", rank=0, world_size=1, seed=0, shuffle_buffer=0)
     # a manifest without byte sizes (format version 1): the short read names the shard
     m = _manifest(ds)
@@ -127,7 +129,9 @@ def test_sample_with_a_missing_field(ds):
     key = f"train-{entry['first_index'] + 7:09d}"
     _rename_member(path, 7, f"{key}.txt")
     _rehash(ds)
-    with pytest.raises(DataError, match=rf"shard {path}: sample '{key}' has no 'ids' field \(its member is '{key}.txt'\)"):
+    with pytest.raises(
+        DataError, match=rf"shard {path}: sample '{key}' has no 'ids' field \(its member is '{key}.txt'\)"
+    ):
         _epoch0_keys(ds)
     stream, keys = _epoch0_keys(ds, on_error="skip")
     assert keys and key not in keys and len(set(keys)) == N - 1
@@ -139,7 +143,11 @@ def test_manifest_that_does_not_match_the_files(ds, tmp_path):
     b, entry_b = _shard(ds, 6)
     shutil.copy(a, b)
     _rehash(ds)
-    with pytest.raises(DataError, match=rf"shard {b}: member 0 is 'train-\d+\.ids' where manifest.json expects sample 'train-{entry_b['first_index']:09d}': the shard does not match the manifest"):
+    with pytest.raises(
+        DataError,
+        match=rf"shard {b}: member 0 is 'train-\d+\.ids' where manifest.json expects sample "
+        rf"'train-{entry_b['first_index']:09d}': the shard does not match the manifest",
+    ):
         _epoch0_keys(ds)
     # a shard file on disk that the manifest does not list
     fresh = write_dataset(tmp_path / "fresh")

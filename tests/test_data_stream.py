@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_helpers import UNEVEN_SIZES, collate, index_of, write_dataset
 from torch.utils.data import DataLoader
 
-from dataset_helpers import UNEVEN_SIZES, collate, index_of, write_dataset
 from ptft_dist.data.shards import record_bytes
 from ptft_dist.data.stream import Layout, ShardStream, advance, mask_tokens, new_position
 
@@ -32,7 +32,9 @@ def uneven(tmp_path_factory) -> Path:
 
 
 def _loader(dataset, rank, world_size, num_workers, *, position=None, seed=7, shuffle=5, **kw):
-    stream = ShardStream(dataset, "train", rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle, position=position, **kw)
+    stream = ShardStream(
+        dataset, "train", rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle, position=position, **kw
+    )
     return stream, DataLoader(stream, batch_size=BATCH, num_workers=num_workers, collate_fn=collate)
 
 
@@ -76,7 +78,9 @@ def test_layout_is_balanced_and_partitions_each_epoch():
     for num_samples, world_size in [(62, 3), (7, 4), (3, 5), (100, 7)]:
         layout = Layout(world_size, num_samples)
         for j in range(6):
-            covered = sorted(i for r in range(world_size) for i in range(*[(s, s + n) for s, n in [layout.fresh_range(r, j)]][0]))
+            covered = sorted(
+                i for r in range(world_size) for i in range(*[(s, s + n) for s, n in [layout.fresh_range(r, j)]][0])
+            )
             assert covered == list(range(num_samples))
             counts = [layout.fresh_count(r, j + 1) for r in range(world_size)]
             assert max(counts) - min(counts) <= 1, "no rank drifts more than one sample ahead"
@@ -93,7 +97,9 @@ def test_order_is_a_pure_function_of_seed_epoch_and_world(uneven):
     assert keys(2) != first
     assert keys(1, rank=1) != first
     single = keys(1, world_size=1)  # 80 samples: epoch 0, then the start of epoch 1
-    assert sorted(single[:N]) == sorted(set(single[:N])) and single[N:] != single[: len(single) - N], "each epoch has its own order"
+    assert sorted(single[:N]) == sorted(set(single[:N])) and single[N:] != single[: len(single) - N], (
+        "each epoch has its own order"
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -166,7 +172,7 @@ def _run(dataset, world_size, num_workers, num_batches, position=None, **kw):
     for rank in range(world_size):
         stream, loader = _loader(dataset, rank, world_size, num_workers, position=position, **kw)
         pos = stream.state_dict()
-        for slot, epochs, keys, ids in _take(loader, num_batches):
+        for slot, epochs, keys, _ids in _take(loader, num_batches):
             advance(pos, slot, epochs)
             items += [(int(e), k, e.index) for e, k in zip(epochs, keys)]
         positions.append(json.loads(json.dumps(pos)))
@@ -204,7 +210,15 @@ def test_position_from_an_older_format_is_refused(uneven):
     from ptft_dist.data.errors import DataError
 
     with pytest.raises(DataError, match="older reader"):
-        ShardStream(uneven, "train", rank=0, world_size=1, seed=0, shuffle_buffer=0, position={"num_slots": 1, "batches": 3, "slots": [[0, 24]]})
+        ShardStream(
+            uneven,
+            "train",
+            rank=0,
+            world_size=1,
+            seed=0,
+            shuffle_buffer=0,
+            position={"num_slots": 1, "batches": 3, "slots": [[0, 24]]},
+        )
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -307,7 +321,14 @@ def test_http_shards_stream_resume_and_train(tiny_dataset, http_root):
     torch.set_num_threads(1)  # a tiny model: spinning threads only slow it on a shared machine
     try:
         for step, (_, _, _, ids) in zip(range(40), loader):
-            inputs, labels = mask_tokens(ids, mlm_probability=0.3, mask_id=special["mask"], vocab_size=manifest["vocab_size"], special_ids=[special["cls"], special["sep"], special["pad"]], generator=torch.Generator().manual_seed(step))
+            inputs, labels = mask_tokens(
+                ids,
+                mlm_probability=0.3,
+                mask_id=special["mask"],
+                vocab_size=manifest["vocab_size"],
+                special_ids=[special["cls"], special["sep"], special["pad"]],
+                generator=torch.Generator().manual_seed(step),
+            )
             loss = model(input_ids=inputs, labels=labels).loss
             opt.zero_grad()
             loss.backward()

@@ -18,7 +18,17 @@ def _pretrain(tmp_path, dataset, stage, family="modernbert", steps=24):
     cfg = C.load(
         "pretrain",
         "pretrain_tiny",
-        [f"zero.stage={stage}", f"model.family={family}", f"optim.max_steps={steps}", "eval_every_steps=12", "tracking.log_every_steps=4", "optim.lr=3e-3", f"data.dataset_dir={dataset}", f"run_dir={tmp_path / f'pre{stage}{family}'}", *TINY_MODEL],
+        [
+            f"zero.stage={stage}",
+            f"model.family={family}",
+            f"optim.max_steps={steps}",
+            "eval_every_steps=12",
+            "tracking.log_every_steps=4",
+            "optim.lr=3e-3",
+            f"data.dataset_dir={dataset}",
+            f"run_dir={tmp_path / f'pre{stage}{family}'}",
+            *TINY_MODEL,
+        ],
     )
     return cfg, jobs.pretrain(cfg)
 
@@ -59,7 +69,9 @@ def test_pretrain_zero2_trains_exports_and_checkpoints(stage2_export):
     names = {p.name for p in ckpts[-1].iterdir()}
     assert {"train_state_rank0.json", "train_state_rank1.json", "config.yaml", "ds"} <= names
     shards = {p.name for p in (ckpts[-1] / "ds").iterdir()}
-    assert any("rank_0" in n or "rank0" in n for n in shards) and any("rank_1" in n or "rank1" in n for n in shards), shards
+    assert any("rank_0" in n or "rank0" in n for n in shards) and any("rank_1" in n or "rank1" in n for n in shards), (
+        shards
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -76,7 +88,19 @@ def test_pretrain_bert_family(tmp_path, tiny_dataset, ray_session):
 
 
 def _finetune(tmp_path, base, stage, method="lora", extra=()):
-    cfg = C.load("finetune", "finetune_tiny", [f"base_model={base}", f"zero.stage={stage}", f"peft.method={method}", "optim.max_steps=20", "task.max_length=24", f"run_dir={tmp_path / f'ft{stage}{method}'}", *extra])
+    cfg = C.load(
+        "finetune",
+        "finetune_tiny",
+        [
+            f"base_model={base}",
+            f"zero.stage={stage}",
+            f"peft.method={method}",
+            "optim.max_steps=20",
+            "task.max_length=24",
+            f"run_dir={tmp_path / f'ft{stage}{method}'}",
+            *extra,
+        ],
+    )
     return cfg, jobs.finetune(cfg)
 
 
@@ -90,14 +114,27 @@ def _reload_predictions_match(summary, n=64, pair=False):
     model, tok, names = load_classifier(summary["artifacts"][key])
     rows = list(csv.DictReader(open(summary["artifacts"]["predictions"])))[:n]
     with torch.no_grad():
-        enc = tok([r["text"] for r in rows], [r["text_pair"] for r in rows] if pair else None, truncation=True, max_length=24, padding=True, return_tensors="pt")
-        pred = model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits.argmax(-1).tolist()
+        enc = tok(
+            [r["text"] for r in rows],
+            [r["text_pair"] for r in rows] if pair else None,
+            truncation=True,
+            max_length=24,
+            padding=True,
+            return_tensors="pt",
+        )
+        pred = (
+            model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+            .logits.argmax(-1)
+            .tolist()
+        )
     assert [names[p] for p in pred] == [r["prediction"] for r in rows]
     return model
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_lora_finetune_saves_an_adapter_that_reloads_to_the_same_predictions(tmp_path, stage2_export, ray_session, stage):
+def test_lora_finetune_saves_an_adapter_that_reloads_to_the_same_predictions(
+    tmp_path, stage2_export, ray_session, stage
+):
     _, pre = stage2_export
     cfg, summary = _finetune(tmp_path, pre["artifacts"]["hf_model"], stage, extra=["export_merged=true"])
     m = summary["metrics"]
@@ -148,8 +185,17 @@ def test_text_pair_task_with_validation_and_early_stopping(tmp_path, stage2_expo
                 b = a if same else " ".join(rng.choice(words) for _ in range(5))
                 w.writerow([a, b, "same" if same else "different"])
     _, pre = stage2_export
-    extra = [f"task.train_file={tmp_path / 'train.csv'}", f"task.validation_file={tmp_path / 'dev.csv'}", f"task.test_file={tmp_path / 'test.csv'}",
-             "task.text_column=premise", "task.text_pair_column=hypothesis", "eval_every_steps=5", "early_stopping_patience=2", "metric=macro_f1", "optim.max_steps=40"]
+    extra = [
+        f"task.train_file={tmp_path / 'train.csv'}",
+        f"task.validation_file={tmp_path / 'dev.csv'}",
+        f"task.test_file={tmp_path / 'test.csv'}",
+        "task.text_column=premise",
+        "task.text_pair_column=hypothesis",
+        "eval_every_steps=5",
+        "early_stopping_patience=2",
+        "metric=macro_f1",
+        "optim.max_steps=40",
+    ]
     cfg, summary = _finetune(tmp_path, pre["artifacts"]["hf_model"], 2, extra=extra)
     m = summary["metrics"]
     assert m["num_test_examples"] == 80
@@ -160,10 +206,23 @@ def test_text_pair_task_with_validation_and_early_stopping(tmp_path, stage2_expo
 
 
 def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
-    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}", f"finetune.1.task.train_file={tmp_path / 'no_such_file.csv'}"])
+    cfg = C.load(
+        "pipeline",
+        "pipeline_tiny",
+        [f"run_dir={tmp_path / 'pipe'}", f"finetune.1.task.train_file={tmp_path / 'no_such_file.csv'}"],
+    )
     with pytest.raises(Exception, match="no_such_file.csv"):
         jobs.pipeline(cfg)  # a bad job is refused before pretraining starts
-    cfg = C.load("pipeline", "pipeline_tiny", [f"run_dir={tmp_path / 'pipe'}", "pretrain.tracking.wandb=true", "finetune.0.tracking.wandb=true", "finetune.1.tracking.wandb=true"])
+    cfg = C.load(
+        "pipeline",
+        "pipeline_tiny",
+        [
+            f"run_dir={tmp_path / 'pipe'}",
+            "pretrain.tracking.wandb=true",
+            "finetune.0.tracking.wandb=true",
+            "finetune.1.tracking.wandb=true",
+        ],
+    )
     summary = jobs.pipeline(cfg)
     assert summary["metrics"]["pretrain"]["steps"] == 20
     table = {row["job"]: row for row in summary["metrics"]["jobs"]}
@@ -182,21 +241,50 @@ def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
     # W&B (offline here): one run per job, written by rank 0, all in the pipeline's group
     from test_tracking import finished_run, offline_runs, run_record
 
-    runs = {part: [run_record(finished_run(p)) for p in offline_runs(tmp_path / "pipe" / part)] for part in ("pretrain", "finetune/lora", "finetune/head")}
-    assert [(r.run_group, r.job_type, r.display_name) for part in runs for r in runs[part]] == [("pipe", "pretrain", "pipe-pretrain"), ("pipe", "finetune", "pipe-lora"), ("pipe", "finetune", "pipe-head")]
+    runs = {
+        part: [run_record(finished_run(p)) for p in offline_runs(tmp_path / "pipe" / part)]
+        for part in ("pretrain", "finetune/lora", "finetune/head")
+    }
+    assert [(r.run_group, r.job_type, r.display_name) for part in runs for r in runs[part]] == [
+        ("pipe", "pretrain", "pipe-pretrain"),
+        ("pipe", "finetune", "pipe-lora"),
+        ("pipe", "finetune", "pipe-head"),
+    ]
     # the report of the real runs
     from ptft_dist.report import make_report
 
     made = make_report([tmp_path / "pipe"])
-    assert {"loss.png", "lr.png", "tokens_per_s.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png"} <= {p.name for p in made["plots"]}
+    assert {"loss.png", "lr.png", "tokens_per_s.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png"} <= {
+        p.name for p in made["plots"]
+    }
     assert any(p.name.startswith("confusion_") and "lora" in p.name for p in made["plots"])
     assert "test_accuracy" in made["html"].read_text()
 
 
 def test_a_failing_finetune_job_does_not_stop_the_others(tmp_path, stage2_export, ray_session):
     _, pre = stage2_export
-    good = C.load("finetune", "finetune_tiny", [f"base_model={pre['artifacts']['hf_model']}", "name=good", "optim.max_steps=10", "scaling.cpus_per_worker=0.5", f"run_dir={tmp_path / 'good'}"])
-    bad = C.load("finetune", "finetune_tiny", [f"base_model={tmp_path / 'no_model_here'}", "name=bad", "optim.max_steps=10", "scaling.cpus_per_worker=0.5", f"run_dir={tmp_path / 'bad'}"])
+    good = C.load(
+        "finetune",
+        "finetune_tiny",
+        [
+            f"base_model={pre['artifacts']['hf_model']}",
+            "name=good",
+            "optim.max_steps=10",
+            "scaling.cpus_per_worker=0.5",
+            f"run_dir={tmp_path / 'good'}",
+        ],
+    )
+    bad = C.load(
+        "finetune",
+        "finetune_tiny",
+        [
+            f"base_model={tmp_path / 'no_model_here'}",
+            "name=bad",
+            "optim.max_steps=10",
+            "scaling.cpus_per_worker=0.5",
+            f"run_dir={tmp_path / 'bad'}",
+        ],
+    )
     good, bad = jobs._resolve_finetune(good), jobs._resolve_finetune(bad)
     results = jobs.run_finetune_jobs([good, bad])
     assert results["good"]["metrics"]["status"] == "ok" and results["good"]["metrics"]["num_test_examples"] == 500

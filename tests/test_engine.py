@@ -22,5 +22,7 @@ def test_a_time_budget_decays_the_lr_to_its_end():
     clock["progress"] = 1.0
     assert f(51) == pytest.approx(0.0)
     # whichever ends first: max_steps still ends a run that is faster than its budget
-    g = engine.lr_lambda(OptimConfig(warmup_steps=0, max_steps=100, schedule="cosine", min_lr_ratio=0.1), {"progress": 0.1})
+    g = engine.lr_lambda(
+        OptimConfig(warmup_steps=0, max_steps=100, schedule="cosine", min_lr_ratio=0.1), {"progress": 0.1}
+    )
     assert g(100) == pytest.approx(0.1)

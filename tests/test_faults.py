@@ -18,7 +18,16 @@ from ptft_dist import config as C
 
 pytestmark = pytest.mark.dist
 
-TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "optim.lr=3e-3", "optim.warmup_steps=3", "eval_every_steps=1000", "data.num_eval_samples=16"]
+TINY = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=128",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=3",
+    "eval_every_steps=1000",
+    "data.num_eval_samples=16",
+]
 
 
 def _wait_for_step(run_dir: Path, rank: int, step: int, timeout_s: float = 300) -> int:
@@ -53,7 +62,16 @@ def _weights(run_dir: Path) -> dict:
 
 
 def test_sigkill_of_a_worker_restarts_from_the_checkpoint_and_loses_nothing(tmp_path, tiny_dataset, ray_session):
-    common = ["optim.max_steps=30", "checkpoint.every_steps=8", "data.ledger=true", "tracking.log_every_steps=1", "optim.micro_batch_size_per_rank=16", "optim.global_batch_size=32", f"data.dataset_dir={tiny_dataset}", *TINY]
+    common = [
+        "optim.max_steps=30",
+        "checkpoint.every_steps=8",
+        "data.ledger=true",
+        "tracking.log_every_steps=1",
+        "optim.micro_batch_size_per_rank=16",
+        "optim.global_batch_size=32",
+        f"data.dataset_dir={tiny_dataset}",
+        *TINY,
+    ]
     straight = C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={tmp_path / 'straight'}"])
     jobs.pretrain(straight)
 
@@ -72,7 +90,9 @@ def test_sigkill_of_a_worker_restarts_from_the_checkpoint_and_loses_nothing(tmp_
         a, b = _committed_ledger(tmp_path / "straight", rank), _committed_ledger(tmp_path / "faulty", rank)
         assert sorted(b) == list(range(1, 31))
         assert a == b, f"rank {rank} trained on other samples after the restart"
-    keys = [k for rank in (0, 1) for step_keys in _committed_ledger(tmp_path / "faulty", rank).values() for k in step_keys]
+    keys = [
+        k for rank in (0, 1) for step_keys in _committed_ledger(tmp_path / "faulty", rank).values() for k in step_keys
+    ]
     assert len(keys) == len(set(keys)) == 30 * 32, "every sample once (less than one epoch here)"
     wa, wb = _weights(tmp_path / "straight"), _weights(tmp_path / "faulty")
     for k in wa:
@@ -89,7 +109,14 @@ def test_a_lost_node_is_waited_for_and_the_run_resumes_losing_nothing(tmp_path, 
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
     try:
-        r = subprocess.run([sys.executable, Path(__file__).parent / "_node_loss_pretrain.py", tiny_dataset, tmp_path], env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, Path(__file__).parent / "_node_loss_pretrain.py", tiny_dataset, tmp_path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = r.stdout + r.stderr
@@ -108,7 +135,20 @@ def test_a_lost_node_is_waited_for_and_the_run_resumes_losing_nothing(tmp_path, 
 
 def test_sigterm_writes_a_checkpoint_exits_75_and_the_same_command_resumes(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ptft_dist.cli", "pretrain", "--config", "pretrain_tiny", "--run-dir", str(run_dir), f"data.dataset_dir={tiny_dataset}", "optim.max_steps=60", "tracking.log_every_steps=1", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ptft_dist.cli",
+        "pretrain",
+        "--config",
+        "pretrain_tiny",
+        "--run-dir",
+        str(run_dir),
+        f"data.dataset_dir={tiny_dataset}",
+        "optim.max_steps=60",
+        "tracking.log_every_steps=1",
+        *TINY,
+    ]
     env = dict(os.environ, RAY_ADDRESS="")  # its own local cluster, as a user's shell would start
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -131,14 +171,22 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_the_same_command_resumes(tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metrics"]["completed"] is True and summary["metrics"]["steps"] == 60
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"train_loss"' in line
+    ]
     assert steps == list(range(1, 61)), "the second run went on from the checkpoint, not from step 0"
 
 
 def test_a_half_written_checkpoint_is_ignored(tmp_path, tiny_dataset, ray_session):
     import shutil
 
-    cfg = C.load("pretrain", "pretrain_tiny", ["optim.max_steps=8", "stop_at_step=4", f"data.dataset_dir={tiny_dataset}", f"run_dir={tmp_path / 'r'}", *TINY])
+    cfg = C.load(
+        "pretrain",
+        "pretrain_tiny",
+        ["optim.max_steps=8", "stop_at_step=4", f"data.dataset_dir={tiny_dataset}", f"run_dir={tmp_path / 'r'}", *TINY],
+    )
     jobs.pretrain(cfg)
     good = checkpoint.latest(tmp_path / "r" / "ray")
     assert checkpoint.read_state(good)["step"] == 4
@@ -170,9 +218,22 @@ def disk_of_3mb(small_fs):
     return small_fs("3m")
 
 
-def test_disk_full_while_writing_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, tiny_dataset, ray_session, disk_of_3mb):
+def test_disk_full_while_writing_a_checkpoint_names_it_and_keeps_the_previous_one(
+    tmp_path, tiny_dataset, ray_session, disk_of_3mb
+):
     run_dir = disk_of_3mb / "run"
-    cfg = C.load("pretrain", "pretrain_tiny", ["optim.max_steps=40", "checkpoint.every_steps=4", "checkpoint.keep_last=5", f"data.dataset_dir={tiny_dataset}", f"run_dir={run_dir}", *TINY])
+    cfg = C.load(
+        "pretrain",
+        "pretrain_tiny",
+        [
+            "optim.max_steps=40",
+            "checkpoint.every_steps=4",
+            "checkpoint.keep_last=5",
+            f"data.dataset_dir={tiny_dataset}",
+            f"run_dir={run_dir}",
+            *TINY,
+        ],
+    )
     with pytest.raises(RuntimeError, match="No space left on device"):
         jobs.pretrain(cfg)
     good = checkpoint.latest(run_dir / "ray")

@@ -21,7 +21,9 @@ def test_trec_is_5452_train_and_500_test(tmp_path):
 def test_csv_tsv_jsonl(tmp_path):
     (tmp_path / "a.csv").write_text('sentence,y\n"hello, world",1\nbye,0\n')
     (tmp_path / "a.tsv").write_text('y\tsentence\n1\thello "world\n0\tbye\n')
-    (tmp_path / "a.jsonl").write_text(json.dumps({"sentence": "hello", "y": 1}) + "\n" + json.dumps({"sentence": "bye", "y": 0}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"sentence": "hello", "y": 1}) + "\n" + json.dumps({"sentence": "bye", "y": 0}) + "\n"
+    )
     assert read_examples(tmp_path / "a.csv", "sentence", "y") == (["hello, world", "bye"], ["1", "0"])
     assert read_examples(tmp_path / "a.tsv", "sentence", "y") == (['hello "world', "bye"], ["1", "0"])
     assert read_examples(tmp_path / "a.jsonl", "sentence", "y") == (["hello", "bye"], ["1", "0"])

@@ -10,7 +10,9 @@ SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_masked_only_head_equals_the_dense_head(family):
     torch.manual_seed(0)
-    cfg = ModelConfig(family=family, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
+    cfg = ModelConfig(
+        family=family, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
+    )
     model = models.build_mlm(cfg, models.mlm_config(cfg, vocab_size=100, special_ids=SPECIAL)).eval()
     assert isinstance(model, models.MaskedOnlyMLM)
     ids = torch.randint(5, 100, (3, 16))
@@ -39,7 +41,15 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
     grads = []
     for on in (False, True):
         torch.manual_seed(0)
-        cfg = ModelConfig(family=family, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64, activation_checkpointing=on)
+        cfg = ModelConfig(
+            family=family,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            activation_checkpointing=on,
+        )
         model = models.build_mlm(cfg, models.mlm_config(cfg, vocab_size=100, special_ids=SPECIAL)).train()
         inner, _ = models.unwrap(model)
         assert inner.is_gradient_checkpointing is on

@@ -20,29 +20,45 @@ def test_durations_read_like_a_clock():
 def test_each_logged_step_becomes_one_compact_line(tmp_path):
     said = []
     mon = Monitor(tmp_path, "pretrain", max_steps=2000, say=said.append)
-    _append(tmp_path, {"step": 20, "time": 100.0, "train_loss": 7.5, "tokens_per_s": 4812.0, "eta_s": 331.0},
-            {"step": 20, "time": 100.5, "eval_mlm_loss": 7.31, "eval_mlm_accuracy": 0.0512})
+    _append(
+        tmp_path,
+        {"step": 20, "time": 100.0, "train_loss": 7.5, "tokens_per_s": 4812.0, "eta_s": 331.0},
+        {"step": 20, "time": 100.5, "eval_mlm_loss": 7.31, "eval_mlm_accuracy": 0.0512},
+    )
     mon.poll()
-    assert said == ["pretrain | step 20/2,000 | loss 7.500 | 4.8k tok/s | ETA 5m31s",
-                    "pretrain | step 20 eval | MLM loss 7.310 | masked-token accuracy 5.1%"]
+    assert said == [
+        "pretrain | step 20/2,000 | loss 7.500 | 4.8k tok/s | ETA 5m31s",
+        "pretrain | step 20 eval | MLM loss 7.310 | masked-token accuracy 5.1%",
+    ]
 
     # a row being written is left for the next look; finetuning rows have no ETA of their own
     said.clear()
     ft = Monitor(tmp_path / "ft", "finetune[sst2]", max_steps=100, say=said.append)
     (tmp_path / "ft").mkdir()
-    _append(tmp_path / "ft", {"step": 10, "time": 10.0, "train_loss": 0.7, "examples_per_s": 250.0}, {"step": 20, "time": 20.0, "train_loss": 0.6, "examples_per_s": 251.0}, newline=False)
+    _append(
+        tmp_path / "ft",
+        {"step": 10, "time": 10.0, "train_loss": 0.7, "examples_per_s": 250.0},
+        {"step": 20, "time": 20.0, "train_loss": 0.6, "examples_per_s": 251.0},
+        newline=False,
+    )
     ft.poll()
     assert said == ["finetune[sst2] | step 10/100 | loss 0.700 | 250 examples/s"]
     with open(tmp_path / "ft" / "metrics.jsonl", "a") as fh:
         fh.write("\n" + json.dumps({"step": 20, "time": 20.5, "val_accuracy": 0.8, "val_macro_f1": 0.79}) + "\n")
     ft.poll()
-    assert said[1:] == ["finetune[sst2] | step 20/100 | loss 0.600 | 251 examples/s | ETA 1m20s", "finetune[sst2] | step 20 validation | accuracy 80.0% | macro-F1 0.790"]
+    assert said[1:] == [
+        "finetune[sst2] | step 20/100 | loss 0.600 | 251 examples/s | ETA 1m20s",
+        "finetune[sst2] | step 20 validation | accuracy 80.0% | macro-F1 0.790",
+    ]
 
 
 def test_a_time_budget_replaces_the_step_total(tmp_path):
     said = []
     mon = Monitor(tmp_path, "pretrain", max_steps=1_000_000, time_budget_s=600, say=said.append)
-    _append(tmp_path, {"step": 80, "time": 1.0, "train_loss": 6.8, "tokens_per_s": 4900.0, "train_time_s": 68.0, "eta_s": 532.0})
+    _append(
+        tmp_path,
+        {"step": 80, "time": 1.0, "train_loss": 6.8, "tokens_per_s": 4900.0, "train_time_s": 68.0, "eta_s": 532.0},
+    )
     mon.poll()
     assert said == ["pretrain | step 80 | loss 6.800 | 4.9k tok/s | 1m08s of 10m00s budget | ETA 8m52s"]
 
@@ -65,14 +81,20 @@ def test_slow_checkpoints_and_resource_waits_are_said(tmp_path):
         asked.append(1)
         return "2 workers x 1 CPU; free now: 0.5 CPU"
 
-    mon = Monitor(tmp_path, "finetune[b]", max_steps=10, waiting=waiting, say=said.append, wait_notice_s=0.0, slow_phase_s=1.0)
+    mon = Monitor(
+        tmp_path, "finetune[b]", max_steps=10, waiting=waiting, say=said.append, wait_notice_s=0.0, slow_phase_s=1.0
+    )
     mon.poll()
-    assert len(said) == 1 and said[0].startswith("finetune[b] | waiting 0s for cluster resources: 2 workers x 1 CPU; free now: 0.5 CPU")
+    assert len(said) == 1 and said[0].startswith(
+        "finetune[b] | waiting 0s for cluster resources: 2 workers x 1 CPU; free now: 0.5 CPU"
+    )
 
     # a worker is up: no more resource questions; a checkpoint that takes long is said once
     (tmp_path / "progress").mkdir()
     now = time.time()
-    (tmp_path / "progress" / "rank0.json").write_text(json.dumps({"pid": 1, "step": 200, "time": now, "phase": "checkpoint", "phase_since": now - 3}))
+    (tmp_path / "progress" / "rank0.json").write_text(
+        json.dumps({"pid": 1, "step": 200, "time": now, "phase": "checkpoint", "phase_since": now - 3})
+    )
     mon.poll()
     mon.poll()
     assert len(asked) == 1
@@ -81,7 +103,14 @@ def test_slow_checkpoints_and_resource_waits_are_said(tmp_path):
 
 def test_workers_gone_quiet_make_the_wait_said_again(tmp_path):
     said = []
-    mon = Monitor(tmp_path, "pretrain", max_steps=10, waiting=lambda: "2 workers x 1 CPU; free now: 1 CPU", say=said.append, wait_notice_s=0.0)
+    mon = Monitor(
+        tmp_path,
+        "pretrain",
+        max_steps=10,
+        waiting=lambda: "2 workers x 1 CPU; free now: 1 CPU",
+        say=said.append,
+        wait_notice_s=0.0,
+    )
     (tmp_path / "progress").mkdir()
     beat = tmp_path / "progress" / "rank0.json"
     beat.write_text(json.dumps({"pid": 1, "step": 12, "time": time.time(), "phase": "train"}))

@@ -25,17 +25,31 @@ def _pretrain_run(path, lr, steps=40, resumed_at=None, mfu=True):
     loss = 7.0
     for step in range(5, steps + 1, 5):
         loss *= 0.93 if lr > 1e-3 else 0.97
-        row = {"train_loss": loss, "lr": lr * min(1.0, step / 10), "grad_norm": 1.0 / step, "tokens_per_s": 4000.0 + 10 * step, "step_time_s": 0.5, "tokens_seen": step * 2048}
+        row = {
+            "train_loss": loss,
+            "lr": lr * min(1.0, step / 10),
+            "grad_norm": 1.0 / step,
+            "tokens_per_s": 4000.0 + 10 * step,
+            "step_time_s": 0.5,
+            "tokens_seen": step * 2048,
+        }
         if mfu:
             row |= {"mfu": 0.31, "peak_memory_mb": 900.0 + step}
         t.log(row, step)
         if step % 20 == 0:
-            t.log({"eval_mlm_loss": loss + 0.1, "eval_mlm_accuracy": 1 - loss / 8, "eval_perplexity": math.exp(loss)}, step)
+            t.log(
+                {"eval_mlm_loss": loss + 0.1, "eval_mlm_accuracy": 1 - loss / 8, "eval_perplexity": math.exp(loss)},
+                step,
+            )
     if resumed_at:  # a resumed run logs the steps after its checkpoint again
         for step in range(resumed_at + 5, steps + 1, 5):
             t.log({"train_loss": 0.5, "lr": lr}, step)
     t.close()
-    write_summary(path, {"eval_mlm_loss": loss + 0.1, "eval_mlm_accuracy": 1 - loss / 8, "steps": steps}, {"hf_model": str(path / "export")})
+    write_summary(
+        path,
+        {"eval_mlm_loss": loss + 0.1, "eval_mlm_accuracy": 1 - loss / 8, "steps": steps},
+        {"hf_model": str(path / "export")},
+    )
     return path
 
 
@@ -45,14 +59,25 @@ def _finetune_run(path):
     (path / "config.yaml").write_text(C.dump_yaml(cfg))
     t = Tracker(path, cfg.tracking, World())
     for step in range(10, 51, 10):
-        t.log({"train_loss": 1.8 / (step / 10), "lr": 2e-3 * (1 - step / 50), "examples_per_s": 120.0, "epoch": 0}, step)
+        t.log(
+            {"train_loss": 1.8 / (step / 10), "lr": 2e-3 * (1 - step / 50), "examples_per_s": 120.0, "epoch": 0}, step
+        )
     t.log({"test_accuracy": 0.8, "test_macro_f1": 0.7, "test_majority_class_accuracy": 0.3}, 50)
     t.close()
     names = ["ABBR", "DESC", "NUM"]
     confusion = [[3, 1, 0], [2, 40, 3], [0, 4, 47]]
-    per_class = {n: {"precision": 0.8, "recall": 0.7, "f1": f1, "support": sum(confusion[i])} for i, (n, f1) in enumerate(zip(names, [0.6, 0.85, 0.9]))}
-    (path / "eval.json").write_text(json.dumps({"accuracy": 0.8, "macro_f1": 0.7, "per_class": per_class, "confusion_matrix": confusion}))
-    write_summary(path, {"test_accuracy": 0.8, "test_macro_f1": 0.7, "test_majority_class_accuracy": 0.3}, {"adapter": str(path / "adapter")})
+    per_class = {
+        n: {"precision": 0.8, "recall": 0.7, "f1": f1, "support": sum(confusion[i])}
+        for i, (n, f1) in enumerate(zip(names, [0.6, 0.85, 0.9]))
+    }
+    (path / "eval.json").write_text(
+        json.dumps({"accuracy": 0.8, "macro_f1": 0.7, "per_class": per_class, "confusion_matrix": confusion})
+    )
+    write_summary(
+        path,
+        {"test_accuracy": 0.8, "test_macro_f1": 0.7, "test_majority_class_accuracy": 0.3},
+        {"adapter": str(path / "adapter")},
+    )
     return path
 
 
@@ -66,14 +91,26 @@ def test_report_overlays_runs_in_labelled_plots_and_an_html_page(tmp_path):
     b = _pretrain_run(tmp_path / "lr3e-3", 3e-3)
     made = make_report([a, b], tmp_path / "out")
     names = {p.name for p in made["plots"]}
-    assert {"loss.png", "lr.png", "tokens_per_s.png", "mfu.png", "memory.png", "eval_accuracy.png", "perplexity.png", "grad_norm.png", "other_metrics.png"} <= names
+    assert {
+        "loss.png",
+        "lr.png",
+        "tokens_per_s.png",
+        "mfu.png",
+        "memory.png",
+        "eval_accuracy.png",
+        "perplexity.png",
+        "grad_norm.png",
+        "other_metrics.png",
+    } <= names
     assert "examples_per_s.png" not in names and "test_metrics.png" not in names  # nothing logged for them
     for png in made["plots"]:
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 300
     # both runs are drawn, each in its own colour
     loss = tmp_path / "out" / "loss.png"
-    assert _has_color(loss, TAB10["blue"]) and _has_color(loss, TAB10["orange"]) and not _has_color(loss, TAB10["green"])
+    assert (
+        _has_color(loss, TAB10["blue"]) and _has_color(loss, TAB10["orange"]) and not _has_color(loss, TAB10["green"])
+    )
     page = made["html"].read_text()
     for name in names:
         assert f"src='{name}'" in page
@@ -89,7 +126,13 @@ def test_finetune_report_has_test_metrics_per_class_f1_and_confusion_matrix(tmp_
     assert made["html"] == pipe / "report" / "index.html"
     assert made["runs"] == ["demo/pretrain", "demo/finetune"]
     names = {p.name for p in made["plots"]}
-    assert {"loss.png", "examples_per_s.png", "test_metrics.png", "per_class_f1.png", "confusion_demo_finetune.png"} <= names
+    assert {
+        "loss.png",
+        "examples_per_s.png",
+        "test_metrics.png",
+        "per_class_f1.png",
+        "confusion_demo_finetune.png",
+    } <= names
     assert "mfu.png" not in names and "memory.png" not in names
     assert _has_color(pipe / "report" / "confusion_demo_finetune.png", (8, 48, 107), 200)  # the darkest Blues cell
 

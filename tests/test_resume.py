@@ -12,7 +12,14 @@ from ptft_dist.tracking import read_metrics
 
 pytestmark = pytest.mark.dist
 
-TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "optim.lr=3e-3", "optim.warmup_steps=3"]
+TINY = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=128",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=3",
+]
 
 
 def _losses(run_dir):
@@ -21,11 +28,22 @@ def _losses(run_dir):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_dataset, ray_session, stage):
-    common = [f"zero.stage={stage}", "optim.max_steps=10", "tracking.log_every_steps=1", "eval_every_steps=100", f"data.dataset_dir={tiny_dataset}", *TINY]
+    common = [
+        f"zero.stage={stage}",
+        "optim.max_steps=10",
+        "tracking.log_every_steps=1",
+        "eval_every_steps=100",
+        f"data.dataset_dir={tiny_dataset}",
+        *TINY,
+    ]
     straight = C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={tmp_path / 'straight'}"])
     jobs.pretrain(straight)
 
-    paused = C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=4", f"run_dir={tmp_path / 'paused'}", f"tracking.wandb={stage == 2}"])
+    paused = C.load(
+        "pretrain",
+        "pretrain_tiny",
+        [*common, "stop_at_step=4", f"run_dir={tmp_path / 'paused'}", f"tracking.wandb={stage == 2}"],
+    )
     first = jobs.pretrain(paused)
     assert first["metrics"]["completed"] is False and first["metrics"]["steps"] == 4
     second = jobs.pretrain(paused)  # the same command again: resumes from the step-4 checkpoint
@@ -55,7 +73,13 @@ def _state(export):
 
 
 def test_resume_on_another_world_size_is_refused(tmp_path, tiny_dataset, ray_session):
-    common = ["optim.max_steps=6", "eval_every_steps=100", f"data.dataset_dir={tiny_dataset}", f"run_dir={tmp_path / 'r'}", *TINY]
+    common = [
+        "optim.max_steps=6",
+        "eval_every_steps=100",
+        f"data.dataset_dir={tiny_dataset}",
+        f"run_dir={tmp_path / 'r'}",
+        *TINY,
+    ]
     jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=2"]))
     one = C.load("pretrain", "pretrain_tiny", [*common, "scaling.num_workers=1", "optim.global_batch_size=8"])
     with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1"):
@@ -63,7 +87,18 @@ def test_resume_on_another_world_size_is_refused(tmp_path, tiny_dataset, ray_ses
 
 
 def test_export_command_from_a_zero3_checkpoint_equals_the_gathered_export(tmp_path, tiny_dataset, ray_session):
-    cfg = C.load("pretrain", "pretrain_tiny", ["zero.stage=3", "optim.max_steps=4", "eval_every_steps=100", f"data.dataset_dir={tiny_dataset}", f"run_dir={tmp_path / 'z3'}", *TINY])
+    cfg = C.load(
+        "pretrain",
+        "pretrain_tiny",
+        [
+            "zero.stage=3",
+            "optim.max_steps=4",
+            "eval_every_steps=100",
+            f"data.dataset_dir={tiny_dataset}",
+            f"run_dir={tmp_path / 'z3'}",
+            *TINY,
+        ],
+    )
     summary = jobs.pretrain(cfg)
     out = jobs.export(tmp_path / "z3", tmp_path / "offline")
     assert out["metrics"]["step"] == 4

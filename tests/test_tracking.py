@@ -65,7 +65,11 @@ def finished_run(part: Path, timeout_s: float = 30.0) -> list:
 
 
 def history(records) -> list[dict]:
-    return [{item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json) for item in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+    return [
+        {item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 def run_record(records):
@@ -98,7 +102,13 @@ def test_wandb_offline_run_holds_config_metrics_and_system_metrics(tmp_path, mon
     assert wandb_mode() == "offline"
     cfg = TrackingConfig(wandb=True, project="p", group="demo", tags=["t"])
     with caplog.at_level(logging.INFO, logger="ptft_dist.tracking"):
-        t = Tracker(tmp_path / "pretrain", cfg, World(), config={"optim": {"lr": 0.01}, "zero": {"stage": 2}}, job_type="pretrain")
+        t = Tracker(
+            tmp_path / "pretrain",
+            cfg,
+            World(),
+            config={"optim": {"lr": 0.01}, "zero": {"stage": 2}},
+            job_type="pretrain",
+        )
         t.log({"train_loss": 2.0, "lr": 0.001, "grad_norm": None}, step=10)
         t.log({"train_loss": 1.5, "lr": 0.002}, step=20)
         t.log({"eval_mlm_loss": 1.7}, step=20)
@@ -114,7 +124,11 @@ def test_wandb_offline_run_holds_config_metrics_and_system_metrics(tmp_path, mon
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "*" and m.step_metric == "step" for m in metrics)
     rows = history(records)
-    assert [(r["step"], r.get("train_loss"), r.get("eval_mlm_loss")) for r in rows] == [(10, 2.0, None), (20, 1.5, None), (20, None, 1.7)]
+    assert [(r["step"], r.get("train_loss"), r.get("eval_mlm_loss")) for r in rows] == [
+        (10, 2.0, None),
+        (20, 1.5, None),
+        (20, None, 1.7),
+    ]
     assert "grad_norm" not in rows[0]  # None is not sent
     # system metrics (CPU, memory, ...) are sampled by W&B itself
     stats = [r.stats for r in records if r.WhichOneof("record_type") == "stats"]
@@ -198,9 +212,14 @@ def test_no_secret_reaches_config_dumps_summary_logs_or_wandb(tmp_path, monkeypa
         t.log({"train_loss": 1.0}, step=1)
         t.summary({"note": f"key={api_key}", "test_accuracy": 0.5})
         t.close()
-        write_summary(tmp_path, {"test_accuracy": 0.5, "api_key": api_key}, {"model": f"/x/{hub_token}/m", "tokenizer": "/x/tok"})
+        write_summary(
+            tmp_path, {"test_accuracy": 0.5, "api_key": api_key}, {"model": f"/x/{hub_token}/m", "tokenizer": "/x/tok"}
+        )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary == {"metrics": {"test_accuracy": 0.5, "api_key": "***"}, "artifacts": {"model": "/x/***/m", "tokenizer": "/x/tok"}}
+    assert summary == {
+        "metrics": {"test_accuracy": 0.5, "api_key": "***"},
+        "artifacts": {"model": "/x/***/m", "tokenizer": "/x/tok"},
+    }
     (part,) = offline_runs(tmp_path)
     config = {u.key: json.loads(u.value_json) for u in run_record(finished_run(part)).config.update}
     assert config["hub_token"] == "***" and config["tracking"]["name"] == "run-***" and config["tokenizer"] == "tok"
@@ -223,5 +242,8 @@ def test_tracking_fields_are_checked():
 
 def test_summary_is_written_atomically(tmp_path):
     write_summary(tmp_path / "x", {"a": 1.0}, {"m": "/p"})
-    assert json.loads((tmp_path / "x" / "summary.json").read_text()) == {"metrics": {"a": 1.0}, "artifacts": {"m": "/p"}}
+    assert json.loads((tmp_path / "x" / "summary.json").read_text()) == {
+        "metrics": {"a": 1.0},
+        "artifacts": {"m": "/p"},
+    }
     assert not list((tmp_path / "x").glob("*.tmp"))

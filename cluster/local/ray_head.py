@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 #: Ports a head needs besides the worker ports (those are left to the OS: 0/0).
@@ -75,9 +74,26 @@ def start(state_dir: Path, num_cpus: int, num_gpus: int, timeout_s: float) -> di
     # Ray's socket paths live under the temp dir and must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
-    cmd = [_ray_cli(), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--include-dashboard", "true"]
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+    ]
     cmd += [f"--{name}={port}" for name, port in ports.items()]
-    cmd += ["--min-worker-port=0", "--max-worker-port=0", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    cmd += [
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--num-cpus={num_cpus}",
+        f"--num-gpus={num_gpus}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     log_path = state_dir / "ray-start.log"
     with open(log_path, "w") as log:
         # A session of its own: the head's daemons share a process group that `stop` can end
@@ -85,7 +101,9 @@ def start(state_dir: Path, num_cpus: int, num_gpus: int, timeout_s: float) -> di
         # This Python's bin dir first on PATH, as in an activated venv: a job's entrypoint
         # (`python -m ptft_dist.cli`) runs through the head's shell and must find it.
         env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
         state = {
             "dashboard_url": f"http://127.0.0.1:{ports['dashboard-port']}",
             "gcs_port": ports["port"],
@@ -101,7 +119,9 @@ def start(state_dir: Path, num_cpus: int, num_gpus: int, timeout_s: float) -> di
     if rc != 0:
         stop(state_dir)
         tail = log_path.read_text()[-3000:] if log_path.exists() else ""
-        sys.exit(f"ray_head: `ray start --head` {'timed out' if rc is None else f'exited with {rc}'}; its output:\n{tail}")
+        sys.exit(
+            f"ray_head: `ray start --head` {'timed out' if rc is None else f'exited with {rc}'}; its output:\n{tail}"
+        )
     # The GCS binds the node's routable IP (Ray replaces 127.0.0.1 by it); record what it chose.
     for line in log_path.read_text().splitlines():
         if "ray start --address=" in line:
@@ -172,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="start a head on free ports; prints RAY_ADDRESS")
-    s.add_argument("--state-dir", required=True, type=Path, help="where head.json (ports, temp dir, process group) is kept")
+    s.add_argument(
+        "--state-dir", required=True, type=Path, help="where head.json (ports, temp dir, process group) is kept"
+    )
     s.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     s.add_argument("--num-gpus", type=int, default=0)
     s.add_argument("--timeout-s", type=float, default=120.0, help="how long `ray start` may take")

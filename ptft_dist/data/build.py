@@ -37,10 +37,19 @@ from tqdm import tqdm
 from ..config import DataBuildConfig
 from . import files
 from .errors import DataError
-from .ingest import Batch, Source, is_validation, mixed_batches, resolve_sources
+from .ingest import Batch, is_validation, mixed_batches, resolve_sources
 from .shards import ShardWriter, record_bytes
 
-__all__ = ["DataError", "build", "is_validation", "load_tokenizer", "read_manifest", "tokenizer_sha256", "check_tokenizer", "tokenizer_dir"]
+__all__ = [
+    "DataError",
+    "build",
+    "is_validation",
+    "load_tokenizer",
+    "read_manifest",
+    "tokenizer_sha256",
+    "check_tokenizer",
+    "tokenizer_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,16 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 #: files a Hugging Face tokenizer directory may hold (fetched when the dataset is remote)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -85,10 +103,14 @@ def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
         tok.normalizer = normalizers.BertNormalizer(lowercase=tc.lowercase, clean_text=True, handle_chinese_chars=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=tc.vocab_size, min_frequency=tc.min_frequency, special_tokens=SPECIAL_TOKENS)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=tc.vocab_size, min_frequency=tc.min_frequency, special_tokens=SPECIAL_TOKENS
+        )
     else:
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-        tok.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if tc.lowercase else []))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFKC()] + ([normalizers.Lowercase()] if tc.lowercase else [])
+        )
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -100,7 +122,9 @@ def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
     tok.train_from_iterator(documents, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -111,8 +135,6 @@ def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
         mask_token="[MASK]",
         model_max_length=512,
     )
-
-
 
 
 def special_ids(tokenizer) -> dict[str, int]:
@@ -131,11 +153,17 @@ def load_tokenizer(path: str | os.PathLike):
 
     local = _local_tokenizer_dir(path)
     if not (local / "tokenizer.json").is_file() and not (local / "tokenizer_config.json").is_file():
-        raise DataError(f"{files.location(path)} is not a Hugging Face tokenizer directory (no tokenizer.json or tokenizer_config.json)")
+        raise DataError(
+            f"{files.location(path)} is not a Hugging Face tokenizer directory (no tokenizer.json or "
+            "tokenizer_config.json)"
+        )
     tok = AutoTokenizer.from_pretrained(str(local))
     for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
         if getattr(tok, name) is None:
-            raise DataError(f"tokenizer {files.location(path)} has no {name.removesuffix('_id')}; MLM pretraining needs cls, sep, pad and mask tokens")
+            raise DataError(
+                f"tokenizer {files.location(path)} has no {name.removesuffix('_id')}; MLM pretraining needs cls, "
+                "sep, pad and mask tokens"
+            )
     return tok
 
 
@@ -164,7 +192,9 @@ def tokenizer_sha256(directory: str | os.PathLike) -> str:
     try:
         return hashlib.sha256(files.read_bytes(loc)).hexdigest()
     except FileNotFoundError:
-        raise DataError(f"{loc} does not exist: the tokenizer has no tokenizer.json (a fast tokenizer is required)") from None
+        raise DataError(
+            f"{loc} does not exist: the tokenizer has no tokenizer.json (a fast tokenizer is required)"
+        ) from None
 
 
 def check_tokenizer(dataset_dir: str | os.PathLike, other_dir: str | os.PathLike, what: str = "the model") -> None:
@@ -174,7 +204,9 @@ def check_tokenizer(dataset_dir: str | os.PathLike, other_dir: str | os.PathLike
     manifest = read_manifest(dataset_dir)
     expected = manifest["tokenizer"]["sha256"]
     if tokenizer_sha256(tokenizer_dir(dataset_dir, manifest)) != expected:
-        raise DataError(f"{files.location(dataset_dir)}: tokenizer/tokenizer.json does not match the sha256 in manifest.json")
+        raise DataError(
+            f"{files.location(dataset_dir)}: tokenizer/tokenizer.json does not match the sha256 in manifest.json"
+        )
     if not files.exists(files.join(other_dir, "tokenizer.json")):
         return
     found = tokenizer_sha256(other_dir)
@@ -216,7 +248,11 @@ def _encode(texts: list[str], splits: list[str]) -> dict:
         if not ids:
             out[split] = np.empty(0, dtype=np.int32)
             continue
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (sep,)) for x in ids), dtype=np.int32, count=sum(map(len, ids)) + len(ids))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain(x, (sep,)) for x in ids),
+            dtype=np.int32,
+            count=sum(map(len, ids)) + len(ids),
+        )
         out[split] = flat
         out["num_tokens"] += len(flat) - len(ids)
     return out
@@ -336,7 +372,10 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
     tok_dir = out / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     if not (tok_dir / "tokenizer.json").is_file():
-        raise DataError(f"tokenizer {cfg.tokenizer.path} is not a fast tokenizer (no tokenizer.json after saving): use a tokenizer with a tokenizer.json")
+        raise DataError(
+            f"tokenizer {cfg.tokenizer.path} is not a fast tokenizer (no tokenizer.json after saving): use a "
+            "tokenizer with a tokenizer.json"
+        )
     vocab_size = len(tokenizer)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
     ids = special_ids(tokenizer)
@@ -360,7 +399,10 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
             num_tokens += encoded["num_tokens"]
             num_bytes += encoded["num_bytes"]
             bar.update(len(batch.texts))
-            bar.set_postfix_str(f"{num_tokens:,} tokens, {num_bytes / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s", refresh=False)
+            bar.set_postfix_str(
+                f"{num_tokens:,} tokens, {num_bytes / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s",
+                refresh=False,
+            )
     finally:
         encoder.close()
         bar.close()
@@ -369,7 +411,10 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
     names = ", ".join(s.pattern for s in sources)
     for split in ("train", "valid"):
         if writers[split].num_samples == 0:
-            raise DataError(f"the {split} split of {names} has no complete sample of {cfg.seq_len} tokens ({num_docs[split]} documents); add text or lower seq_len")
+            raise DataError(
+                f"the {split} split of {names} has no complete sample of {cfg.seq_len} tokens ({num_docs[split]} "
+                "documents); add text or lower seq_len"
+            )
 
     manifest = {
         "format": FORMAT,
@@ -378,9 +423,20 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
         "vocab_size": vocab_size,
         "dtype": dtype.str,
         "record_bytes": rec,
-        "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_sha256(tok_dir), "special_ids": ids, "files": sorted(p.name for p in tok_dir.iterdir())},
+        "tokenizer": {
+            "dir": "tokenizer",
+            "sha256": tokenizer_sha256(tok_dir),
+            "special_ids": ids,
+            "files": sorted(p.name for p in tok_dir.iterdir()),
+        },
         "sources": [s.manifest_entry() for s in sources],
-        "build": {"samples_per_shard": per_shard, "validation_fraction": cfg.validation_fraction, "min_doc_chars": cfg.min_doc_chars, "input_text_bytes": num_bytes, "input_tokens": num_tokens},
+        "build": {
+            "samples_per_shard": per_shard,
+            "validation_fraction": cfg.validation_fraction,
+            "min_doc_chars": cfg.min_doc_chars,
+            "input_text_bytes": num_bytes,
+            "input_tokens": num_tokens,
+        },
         "splits": {
             split: {
                 "num_documents": num_docs[split],
@@ -394,7 +450,15 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)  # the manifest appears last: its presence means complete
-    log.info("built %s: %d train / %d valid samples in %d + %d shards (%.1fs)", out, writers["train"].num_samples, writers["valid"].num_samples, len(writers["train"].shards), len(writers["valid"].shards), time.perf_counter() - start)
+    log.info(
+        "built %s: %d train / %d valid samples in %d + %d shards (%.1fs)",
+        out,
+        writers["train"].num_samples,
+        writers["valid"].num_samples,
+        len(writers["train"].shards),
+        len(writers["valid"].shards),
+        time.perf_counter() - start,
+    )
     return manifest
 
 
@@ -405,14 +469,20 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
     try:
         text = files.read_bytes(loc)
     except FileNotFoundError:
-        raise DataError(f"{loc} does not exist: {files.location(dataset_dir)} is not a dataset made by `ptft data build`") from None
+        raise DataError(
+            f"{loc} does not exist: {files.location(dataset_dir)} is not a dataset made by `ptft data build`"
+        ) from None
     except OSError as e:
         raise DataError(f"{loc} cannot be read ({type(e).__name__}: {e})") from None
     try:
         manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{loc}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("version") not in READABLE_VERSIONS
+    ):
         got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
         raise DataError(f"{loc}: format {got[0]!r} v{got[1]!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
     for key in ("seq_len", "vocab_size", "dtype", "tokenizer", "splits"):
@@ -431,7 +501,10 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
                 if key not in shard:
                     raise DataError(f"{loc}: splits.{split}.shards[{i}] has no {key!r}")
             if shard.setdefault("first_index", first) != first:
-                raise DataError(f"{loc}: splits.{split}.shards[{i}] ({shard['file']}) starts at sample {shard['first_index']}, the shards before it hold {first}")
+                raise DataError(
+                    f"{loc}: splits.{split}.shards[{i}] ({shard['file']}) starts at sample {shard['first_index']}, "
+                    f"the shards before it hold {first}"
+                )
             first += shard["num_samples"]
         if entry.get("num_samples", first) != first:
             raise DataError(f"{loc}: splits.{split}.num_samples is {entry['num_samples']} but its shards hold {first}")

@@ -56,9 +56,14 @@ def file_format(path: Path) -> tuple[str, str | None]:
     for suffix, kind in TEXT_SUFFIXES.items():
         if name.endswith(suffix):
             if kind == "parquet" and compression:
-                raise DataError(f"input file {path}: Parquet is compressed inside the file; do not wrap it in .{compression}")
+                raise DataError(
+                    f"input file {path}: Parquet is compressed inside the file; do not wrap it in .{compression}"
+                )
             return kind, compression
-    raise DataError(f"input file {path}: unsupported type; use .txt, .raw, .jsonl, .csv, .tsv or .parquet (text formats optionally .gz or .zst)")
+    raise DataError(
+        f"input file {path}: unsupported type; use .txt, .raw, .jsonl, .csv, .tsv or .parquet (text formats "
+        "optionally .gz or .zst)"
+    )
 
 
 def is_validation(text: str, fraction: float) -> bool:
@@ -88,14 +93,23 @@ class Source:
         return max(1, math.ceil(self.weight))
 
     def manifest_entry(self) -> dict:
-        return {"input": self.pattern, "files": [str(f) for f in self.files], "weight": self.weight, "num_bytes": self.num_bytes, "num_documents": dict(self.num_documents)}
+        return {
+            "input": self.pattern,
+            "files": [str(f) for f in self.files],
+            "weight": self.weight,
+            "num_bytes": self.num_bytes,
+            "num_documents": dict(self.num_documents),
+        }
 
 
 def resolve_sources(patterns: list[str], weights: list[float] | None = None) -> list[Source]:
     """Expand globs; every pattern must match at least one supported file."""
     weights = list(weights or [])
     if weights and len(weights) != len(patterns):
-        raise DataError(f"data.input_weights has {len(weights)} entries for {len(patterns)} data.inputs; give one weight per input or none")
+        raise DataError(
+            f"data.input_weights has {len(weights)} entries for {len(patterns)} data.inputs; give one weight per "
+            "input or none"
+        )
     sources = []
     for i, pattern in enumerate(patterns):
         matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
@@ -208,19 +222,25 @@ def _csv_documents(fh, path: Path, column: str, min_chars: int, delimiter: str) 
         raise DataError(f"{path}:1: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({e})") from None
     names = [h.strip() for h in header]
     if column not in names:
-        raise DataError(f"{path}: no column {column!r} in the header (columns: {', '.join(names)}); set data.text_field")
+        raise DataError(
+            f"{path}: no column {column!r} in the header (columns: {', '.join(names)}); set data.text_field"
+        )
     index = names.index(column)
     try:
         for row in reader:
             if not row:
                 continue
             if index >= len(row):
-                raise DataError(f"{path}:{reader.line_num}: the row has {len(row)} fields, column {column!r} is field {index + 1}")
+                raise DataError(
+                    f"{path}:{reader.line_num}: the row has {len(row)} fields, column {column!r} is field {index + 1}"
+                )
             text = row[index].strip()
             if len(text) >= min_chars:
                 yield text
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({e})") from None
+        raise DataError(
+            f"{path}:{reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({e})"
+        ) from None
 
 
 def _parquet_documents(path: Path, column: str, min_chars: int, progress_out: list) -> Iterator[str]:
@@ -272,7 +292,15 @@ class Batch:
 class _SourceReader:
     """One source's batches over all its passes, and how far it is (share of planned bytes)."""
 
-    def __init__(self, index: int, source: Source, text_field: str, min_chars: int, validation_fraction: float, train_only_first_pass: bool):
+    def __init__(
+        self,
+        index: int,
+        source: Source,
+        text_field: str,
+        min_chars: int,
+        validation_fraction: float,
+        train_only_first_pass: bool,
+    ):
         self.index, self.source = index, source
         self.text_field, self.min_chars, self.fraction = text_field, min_chars, validation_fraction
         self.first_pass_only = train_only_first_pass
@@ -319,10 +347,14 @@ class _SourceReader:
                 yield texts, splits
 
 
-def mixed_batches(sources: list[Source], *, text_field: str, min_chars: int, validation_fraction: float, first_pass_only: bool = False) -> Iterator[Batch]:
+def mixed_batches(
+    sources: list[Source], *, text_field: str, min_chars: int, validation_fraction: float, first_pass_only: bool = False
+) -> Iterator[Batch]:
     """Batches of all sources, interleaved chunk by chunk so that each source advances at
     the same pace through its planned bytes (deterministic: it depends only on the files)."""
-    readers = [_SourceReader(i, s, text_field, min_chars, validation_fraction, first_pass_only) for i, s in enumerate(sources)]
+    readers = [
+        _SourceReader(i, s, text_field, min_chars, validation_fraction, first_pass_only) for i, s in enumerate(sources)
+    ]
     heap = [(0.0, r.index) for r in readers]
     heapq.heapify(heap)
     batch = Batch([], [], [])

@@ -62,7 +62,9 @@ def _rows(path: Path):
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     tsv = name.endswith(".tsv")
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.DictReader(fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(
+            fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+        )
         for lineno, row in enumerate(reader, 2):
             yield lineno, row
 
@@ -96,7 +98,10 @@ def read_examples(path: str | Path, text_column: str, label_column: str, pair_co
         for column in columns:
             if not isinstance(row, dict) or column not in row or row[column] is None:
                 have = ", ".join(repr(k) for k in row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno}: no column {column!r} (columns: {have}); set task.text_column / task.text_pair_column / task.label_column")
+                raise DataError(
+                    f"{path}:{lineno}: no column {column!r} (columns: {have}); set task.text_column / "
+                    "task.text_pair_column / task.label_column"
+                )
         texts.append(str(row[text_column]))
         labels.append(str(row[label_column]).strip())
         if pair_column:
@@ -119,12 +124,17 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
     both files checked: columns present, test labels seen in training."""
     if task.train_file is None:
         train, test = materialize_trec(Path(run_dir) / "task")
-        task = dataclasses.replace(task, train_file=str(train), test_file=str(test), text_column="text", label_column="label")
+        task = dataclasses.replace(
+            task, train_file=str(train), test_file=str(test), text_column="text", label_column="label"
+        )
     train_file = Path(task.train_file).expanduser().resolve()
     train_labels = read_examples(train_file, task.text_column, task.label_column, task.text_pair_column)[1]
     known = set(train_labels)
     if len(known) < 2:
-        raise DataError(f"{train_file}: column {task.label_column!r} has {len(known)} distinct label(s); classification needs at least 2")
+        raise DataError(
+            f"{train_file}: column {task.label_column!r} has {len(known)} distinct label(s); classification needs at "
+            "least 2"
+        )
     resolved = {}
     for field_name in ("validation_file", "test_file"):
         value = getattr(task, field_name)
@@ -135,6 +145,9 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
         labels = read_examples(other, task.text_column, task.label_column, task.text_pair_column)[1]
         unseen = sorted(set(labels) - known)
         if unseen:
-            raise DataError(f"{other}: labels {unseen[:10]} in column {task.label_column!r} never occur in the training file {train_file}")
+            raise DataError(
+                f"{other}: labels {unseen[:10]} in column {task.label_column!r} never occur in the training file "
+                f"{train_file}"
+            )
         resolved[field_name] = str(other)
     return dataclasses.replace(task, train_file=str(train_file), **resolved)

@@ -169,7 +169,9 @@ class ShardReader:
 
     MAX_OPEN = 8
 
-    def __init__(self, base: str, split: str, shards: list[dict], *, seq_len: int, dtype: np.dtype, rec_bytes: int, verify: bool):
+    def __init__(
+        self, base: str, split: str, shards: list[dict], *, seq_len: int, dtype: np.dtype, rec_bytes: int, verify: bool
+    ):
         self.base, self.split, self.shards = base, split, shards
         self.seq_len, self.dtype, self.rec_bytes, self.verify = seq_len, dtype, rec_bytes, verify
         self.data_bytes = seq_len * dtype.itemsize
@@ -205,7 +207,10 @@ class ShardReader:
             if self.verify and entry.get("sha256"):
                 digest = _sha256(fh)
                 if digest != entry["sha256"]:
-                    raise ShardError(f"shard {url}: sha256 {digest[:16]}... does not match manifest.json ({entry['sha256'][:16]}...): the file is corrupt or from another build")
+                    raise ShardError(
+                        f"shard {url}: sha256 {digest[:16]}... does not match manifest.json "
+                        f"({entry['sha256'][:16]}...): the file is corrupt or from another build"
+                    )
         except BaseException:
             fh.close()
             raise
@@ -224,9 +229,14 @@ class ShardReader:
                 fh.seek(offset)
                 data = fh.read(length)
         except OSError as e:
-            raise ShardError(f"shard {self.url(shard)} cannot be read at byte {offset:,} ({type(e).__name__}: {e})") from None
+            raise ShardError(
+                f"shard {self.url(shard)} cannot be read at byte {offset:,} ({type(e).__name__}: {e})"
+            ) from None
         if len(data) != length:
-            raise ShardError(f"shard {self.url(shard)} is truncated: samples {first}..{first + count - 1} end at byte {offset + length:,}, the file ends before")
+            raise ShardError(
+                f"shard {self.url(shard)} is truncated: samples {first}..{first + count - 1} end at byte "
+                f"{offset + length:,}, the file ends before"
+            )
         return data
 
     def read(self, shard: int, members: np.ndarray) -> list[tuple[str, np.ndarray] | SampleError]:
@@ -247,7 +257,13 @@ class ShardReader:
                     out.append(self._bad_name(shard, m, key, name))
                     continue
                 if buf[off + 124 : off + 136] != self._size_field:
-                    out.append(SampleError(f"shard {self.url(shard)}: sample {key!r}: header size field {buf[off + 124 : off + 136]!r}, expected {self.data_bytes} bytes ({self.seq_len} tokens of {self.dtype.str})"))
+                    out.append(
+                        SampleError(
+                            f"shard {self.url(shard)}: sample {key!r}: header size field "
+                            f"{buf[off + 124 : off + 136]!r}, expected {self.data_bytes} bytes ({self.seq_len} "
+                            f"tokens of {self.dtype.str})"
+                        )
+                    )
                     continue
                 out.append((key, np.frombuffer(buf, dtype=self.dtype, count=self.seq_len, offset=off + HEADER_BYTES)))
         return out
@@ -258,8 +274,13 @@ class ShardReader:
         if name.startswith(key + "."):
             return SampleError(f"shard {url}: sample {key!r} has no 'ids' field (its member is {name!r})")
         if not name or not name.isprintable():
-            return SampleError(f"shard {url}: member {member} (sample {key!r}) has a corrupt tar header (name field {raw[:16]!r}...)")
-        return SampleError(f"shard {url}: member {member} is {name!r} where manifest.json expects sample {key!r}: the shard does not match the manifest")
+            return SampleError(
+                f"shard {url}: member {member} (sample {key!r}) has a corrupt tar header (name field {raw[:16]!r}...)"
+            )
+        return SampleError(
+            f"shard {url}: member {member} is {name!r} where manifest.json expects sample {key!r}: the shard does "
+            "not match the manifest"
+        )
 
 
 def _sha256(fh) -> str:

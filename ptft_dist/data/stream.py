@@ -83,7 +83,9 @@ def _part(total: int, world_size: int, rank: int, offset: int) -> tuple[int, int
     ``offset, offset+1, ...`` (cyclically)."""
     q, m = divmod(total, world_size)
     size = q + ((rank - offset) % world_size < m)
-    start = rank * q + _overlap(offset, offset + m, 0, rank) + _overlap(offset, offset + m, world_size, world_size + rank)
+    start = (
+        rank * q + _overlap(offset, offset + m, 0, rank) + _overlap(offset, offset + m, world_size, world_size + rank)
+    )
     return start, size
 
 
@@ -111,7 +113,9 @@ class Layout:
     def of(cls, position: dict, num_samples: int) -> Layout:
         layout = position.get("layout") or {}
         pending = tuple((int(e), int(a), int(b)) for e, a, b in layout.get("pending", []))
-        return cls(position["world_size"], num_samples, pending, int(layout.get("epoch", 0)), int(layout.get("offset", 0)))
+        return cls(
+            position["world_size"], num_samples, pending, int(layout.get("epoch", 0)), int(layout.get("offset", 0))
+        )
 
     def to_dict(self) -> dict:
         return {"pending": [list(p) for p in self.pending], "epoch": self.epoch, "offset": self.offset}
@@ -182,7 +186,14 @@ def new_position(num_slots: int, world_size: int | None = None) -> dict:
     position without one is taken to be from the world size it is resumed on."""
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-    return {"version": POSITION_VERSION, "world_size": world_size, "num_slots": num_slots, "batches": 0, "slots": [[0, 0] for _ in range(num_slots)], "layout": None}
+    return {
+        "version": POSITION_VERSION,
+        "world_size": world_size,
+        "num_slots": num_slots,
+        "batches": 0,
+        "slots": [[0, 0] for _ in range(num_slots)],
+        "layout": None,
+    }
 
 
 def advance(position: dict, slot: int, epochs: list[int]) -> None:
@@ -201,7 +212,10 @@ def _check_position(p: dict) -> None:
     if not isinstance(p, dict) or "slots" not in p or "num_slots" not in p:
         raise DataError(f"not a read position (made by new_position/advance): {str(p)[:200]}")
     if p.get("version") != POSITION_VERSION:
-        raise DataError(f"the read position has version {p.get('version')!r}; this ptft-dist reads version {POSITION_VERSION}: it was saved by an older reader and cannot be resumed exactly (start from the exported model)")
+        raise DataError(
+            f"the read position has version {p.get('version')!r}; this ptft-dist reads version {POSITION_VERSION}: "
+            "it was saved by an older reader and cannot be resumed exactly (start from the exported model)"
+        )
     if len(p["slots"]) != p["num_slots"]:
         raise DataError(f"the read position lists {len(p['slots'])} slots for num_slots={p['num_slots']}")
 
@@ -223,7 +237,10 @@ def rebase(positions: list[dict], num_samples: int, world_size: int, num_slots: 
         raise DataError(f"rebase needs one position per old rank ({old_w}) or a single one, got {len(positions)}")
     for p in positions:
         if p["world_size"] != old_w or p["num_slots"] != k or (p.get("layout") or None) != (p0.get("layout") or None):
-            raise DataError("the read positions of the old ranks disagree on world size, loader slots or layout: they are not from the same checkpoint")
+            raise DataError(
+                "the read positions of the old ranks disagree on world size, loader slots or layout: they are not "
+                "from the same checkpoint"
+            )
     per_rank = positions if len(positions) == old_w else positions * old_w
     layout = Layout.of(p0, num_samples)
     e_max = layout.epoch - 1
@@ -256,8 +273,24 @@ def rebase(positions: list[dict], num_samples: int, world_size: int, num_slots: 
     num_pending = sum(b - a for _, a, b in merged)
     new = Layout(world_size, num_samples, tuple(map(tuple, merged)), e_max + 1, num_pending % world_size)
     first_epoch = merged[0][0] if merged else e_max + 1
-    log.info("read position rebased from %d ranks x %d slots to %d x %d: %d samples of epochs in progress pending, then epoch %d", old_w, k, world_size, num_slots, new.num_pending, e_max + 1)
-    return {"version": POSITION_VERSION, "world_size": world_size, "num_slots": num_slots, "batches": 0, "slots": [[first_epoch, 0] for _ in range(num_slots)], "layout": new.to_dict()}
+    log.info(
+        "read position rebased from %d ranks x %d slots to %d x %d: %d samples of epochs in progress pending, then "
+        "epoch %d",
+        old_w,
+        k,
+        world_size,
+        num_slots,
+        new.num_pending,
+        e_max + 1,
+    )
+    return {
+        "version": POSITION_VERSION,
+        "world_size": world_size,
+        "num_slots": num_slots,
+        "batches": 0,
+        "slots": [[first_epoch, 0] for _ in range(num_slots)],
+        "layout": new.to_dict(),
+    }
 
 
 # --------------------------------------------------------------------------- epoch order
@@ -369,7 +402,9 @@ class ShardStream(IterableDataset):
         old_k = positions[0]["num_slots"]
         new_k = self._num_slots_hint or old_k
         if len(positions) > 1 and len(positions) != old_w:
-            raise DataError(f"got {len(positions)} read positions for an old world of {old_w} ranks: pass one per old rank, or one")
+            raise DataError(
+                f"got {len(positions)} read positions for an old world of {old_w} ranks: pass one per old rank, or one"
+            )
         if old_w == self.world_size and old_k == new_k:
             self.position = positions[self.rank] if len(positions) > 1 else positions[0]
         else:
@@ -411,10 +446,17 @@ class ShardStream(IterableDataset):
                 problems.append(f"shard {path} listed in {Path(self.dir, MANIFEST)} is missing")
             elif shard.get("num_bytes") is not None and path.stat().st_size != shard["num_bytes"]:
                 size = path.stat().st_size
-                problems.append(f"shard {path} is {'truncated' if size < shard['num_bytes'] else 'larger than the manifest says'}: {size:,} bytes, {MANIFEST} says {shard['num_bytes']:,}")
+                problems.append(
+                    f"shard {path} is "
+                    f"{'truncated' if size < shard['num_bytes'] else 'larger than the manifest says'}: {size:,} "
+                    f"bytes, {MANIFEST} says {shard['num_bytes']:,}"
+                )
         strays = sorted(p.name for p in Path(self.dir).glob(f"{self.split}-*.tar") if p.name not in listed)
         if strays:
-            problems.append(f"{self.dir} holds {self.split} shards that {MANIFEST} does not list ({', '.join(strays[:5])}{', ...' if len(strays) > 5 else ''}): the manifest is from another build")
+            problems.append(
+                f"{self.dir} holds {self.split} shards that {MANIFEST} does not list "
+                f"({', '.join(strays[:5])}{', ...' if len(strays) > 5 else ''}): the manifest is from another build"
+            )
         if not problems:
             return
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -428,26 +470,43 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[int, SampleEpoch, str, np.ndarray]]:
         info = get_worker_info()
         worker, num_slots = (info.id, info.num_workers) if info else (0, 1)
-        position = copy.deepcopy(self.position) if self.position is not None else new_position(num_slots, self.world_size)
+        position = (
+            copy.deepcopy(self.position) if self.position is not None else new_position(num_slots, self.world_size)
+        )
         position["world_size"] = position.get("world_size") or self.world_size
         if position["num_slots"] != num_slots:
             if not _untouched(position):
                 raise DataError(
-                    f"the read position has {position['num_slots']} loader slots, this loader has {num_slots}: resume with the same "
-                    f"data.num_loader_workers, or pass num_loader_workers={num_slots if info else 0} to ShardStream to rebase the position"
+                    f"the read position has {position['num_slots']} loader slots, this loader has {num_slots}: "
+                    "resume with the same "
+                    f"data.num_loader_workers, or pass num_loader_workers={num_slots if info else 0} to ShardStream "
+                    "to rebase the position"
                 )
             position = new_position(num_slots, self.world_size)
         if position["world_size"] != self.world_size:
-            raise DataError(f"the read position is for world size {position['world_size']}, this stream has {self.world_size}: pass it as position= to rebase it")
+            raise DataError(
+                f"the read position is for world size {position['world_size']}, this stream has {self.world_size}: "
+                "pass it as position= to rebase it"
+            )
         slot = (worker + position["batches"]) % num_slots
         layout = Layout.of(position, self.num_samples)
-        reader = ShardReader(self.dir, self.split, self.shards, seq_len=self.seq_len, dtype=self.dtype, rec_bytes=self.manifest["record_bytes"], verify=self.verify)
+        reader = ShardReader(
+            self.dir,
+            self.split,
+            self.shards,
+            seq_len=self.seq_len,
+            dtype=self.dtype,
+            rec_bytes=self.manifest["record_bytes"],
+            verify=self.verify,
+        )
         try:
             yield from self._slot_items(layout, slot, num_slots, position["slots"][slot][1], reader)
         finally:
             reader.close()
 
-    def _slot_items(self, layout: Layout, slot: int, num_slots: int, consumed: int, reader: ShardReader) -> Iterator[tuple[int, SampleEpoch, str, np.ndarray]]:
+    def _slot_items(
+        self, layout: Layout, slot: int, num_slots: int, consumed: int, reader: ShardReader
+    ) -> Iterator[tuple[int, SampleEpoch, str, np.ndarray]]:
         window = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
         chunk = window or READ_CHUNK
         orders: OrderedDict[int, _EpochOrder] = OrderedDict()
@@ -465,12 +524,27 @@ class ShardStream(IterableDataset):
                 o = a + (t - t0)
                 k = o // chunk
                 positions = np.arange(o, min((k + 1) * chunk, b), num_slots)
-                yield from self._read(slot, epoch, t, num_slots, order.locate(order.unshuffle(positions, k)), reader, bad, run)
+                yield from self._read(
+                    slot, epoch, t, num_slots, order.locate(order.unshuffle(positions, k)), reader, bad, run
+                )
                 t += num_slots * len(positions)
                 if run[0] > self.num_samples:
-                    raise DataError(f"{self.dir}: every sample of split {self.split!r} that this reader reached in the last {run[0]} was bad (data.on_error=skip); fix or rebuild the dataset")
+                    raise DataError(
+                        f"{self.dir}: every sample of split {self.split!r} that this reader reached in the last "
+                        f"{run[0]} was bad (data.on_error=skip); fix or rebuild the dataset"
+                    )
 
-    def _read(self, slot: int, epoch: int, t_first: int, step: int, located: tuple[np.ndarray, np.ndarray], reader: ShardReader, bad: dict, run: list[int]) -> Iterator:
+    def _read(
+        self,
+        slot: int,
+        epoch: int,
+        t_first: int,
+        step: int,
+        located: tuple[np.ndarray, np.ndarray],
+        reader: ShardReader,
+        bad: dict,
+        run: list[int],
+    ) -> Iterator:
         """Read the samples at the located (shard, member) places and yield them in the
         given order; bad ones raise, or are skipped and counted."""
         shard_ids, members = located
@@ -511,12 +585,22 @@ class ShardStream(IterableDataset):
                 self._skipped.value += skipped
 
 
-def read_all(dataset_dir: str | Path, split: str, limit: int | None = None, *, verify: bool = True) -> tuple[list[str], np.ndarray]:
+def read_all(
+    dataset_dir: str | Path, split: str, limit: int | None = None, *, verify: bool = True
+) -> tuple[list[str], np.ndarray]:
     """Keys and ids of a split in shard order (the held-out set for evaluation)."""
     loc = files.location(dataset_dir)
     manifest = read_manifest(loc)
     shards = manifest["splits"][split]["shards"]
-    reader = ShardReader(loc, split, shards, seq_len=manifest["seq_len"], dtype=np.dtype(manifest["dtype"]), rec_bytes=manifest["record_bytes"], verify=verify)
+    reader = ShardReader(
+        loc,
+        split,
+        shards,
+        seq_len=manifest["seq_len"],
+        dtype=np.dtype(manifest["dtype"]),
+        rec_bytes=manifest["record_bytes"],
+        verify=verify,
+    )
     keys: list[str] = []
     rows: list[np.ndarray] = []
     try:
@@ -544,10 +628,15 @@ def iter_shard(url: str, dtype: np.dtype, seq_len: int) -> Iterator[tuple[str, n
         for sample in wds.tariterators.tarfile_samples([{"url": url}]):
             key = sample.get("__key__", "?")
             if "ids" not in sample:
-                raise DataError(f"shard {url}: sample {key!r} has no 'ids' field (fields: {sorted(k for k in sample if not k.startswith('__'))})")
+                raise DataError(
+                    f"shard {url}: sample {key!r} has no 'ids' field (fields: "
+                    f"{sorted(k for k in sample if not k.startswith('__'))})"
+                )
             ids = np.frombuffer(sample["ids"], dtype=dtype)
             if ids.size != seq_len:
-                raise DataError(f"shard {url}: sample {key!r} has {ids.size} tokens, the manifest says seq_len={seq_len}")
+                raise DataError(
+                    f"shard {url}: sample {key!r} has {ids.size} tokens, the manifest says seq_len={seq_len}"
+                )
             yield key, ids
     except DataError:
         raise
@@ -555,7 +644,15 @@ def iter_shard(url: str, dtype: np.dtype, seq_len: int) -> Iterator[tuple[str, n
         raise DataError(f"shard {url}: cannot be read ({type(e).__name__}: {e})") from e
 
 
-def mask_tokens(ids: torch.Tensor, *, mlm_probability: float, mask_id: int, vocab_size: int, special_ids: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    *,
+    mlm_probability: float,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: list[int],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic BERT masking: choose ``mlm_probability`` of the non-special tokens; of those
     80% become [MASK], 10% a random token, 10% stay. Returns (input_ids, labels) with
     labels = -100 where nothing is predicted."""

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import engine as engine_lib, models
+from .. import engine as engine_lib
+from .. import models
 from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, to_dict
 from ..data.build import DataError
 from ..data.labeled import label_order, read_examples
@@ -48,9 +49,13 @@ class Split:
     pairs: list[str] | None
     labels: list[int]
 
-    def take(self, idx) -> "Split":
+    def take(self, idx) -> Split:
         idx = list(idx)
-        return Split([self.texts[i] for i in idx], [self.pairs[i] for i in idx] if self.pairs is not None else None, [self.labels[i] for i in idx])
+        return Split(
+            [self.texts[i] for i in idx],
+            [self.pairs[i] for i in idx] if self.pairs is not None else None,
+            [self.labels[i] for i in idx],
+        )
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -70,7 +75,15 @@ def classification_metrics(gold: list[int], pred: list[int], names: list[str]) -
     return {
         "accuracy": float(tp.sum() / max(len(gold), 1)),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {n: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(confusion[i].sum())} for i, n in enumerate(names)},
+        "per_class": {
+            n: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(confusion[i].sum()),
+            }
+            for i, n in enumerate(names)
+        },
         "confusion_matrix": confusion.tolist(),
     }
 
@@ -130,7 +143,10 @@ def pooling_kwargs(family: str, pooling: str, where) -> dict:
     if family == "modernbert":
         return {"classifier_pooling": pooling}
     if pooling != "cls":
-        raise DataError(f"pooling: {pooling!r} needs a ModernBERT model; {where} is a {family} model, whose classifier reads the first token (use pooling: cls)")
+        raise DataError(
+            f"pooling: {pooling!r} needs a ModernBERT model; {where} is a {family} model, whose classifier reads the "
+            "first token (use pooling: cls)"
+        )
     return {}
 
 
@@ -140,12 +156,21 @@ def build_model(cfg: FinetuneConfig, names: list[str], ds: dict):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     base = Path(cfg.base_model)
-    if not any((base / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
-        raise DataError(f"base model {base} has no weights (model.safetensors); point base_model at an HF model directory")
+    if not any(
+        (base / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    ):
+        raise DataError(
+            f"base model {base} has no weights (model.safetensors); point base_model at an HF model directory"
+        )
     family = models.family_of(AutoConfig.from_pretrained(str(base)))
     with engine_lib.model_init_context(ds):
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, attn_implementation="sdpa", **pooling_kwargs(family, cfg.pooling, base)
+            str(base),
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            attn_implementation="sdpa",
+            **pooling_kwargs(family, cfg.pooling, base),
         )
     head = models.HEAD_MODULES[family]
     method = cfg.peft.method
@@ -168,7 +193,12 @@ def build_model(cfg: FinetuneConfig, names: list[str], ds: dict):
         )
     else:
         targets, feedforward = models.IA3_TARGETS[family]
-        peft_cfg = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=cfg.peft.target_modules or targets, feedforward_modules=feedforward if not cfg.peft.target_modules else [], modules_to_save=head)
+        peft_cfg = IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=cfg.peft.target_modules or targets,
+            feedforward_modules=feedforward if not cfg.peft.target_modules else [],
+            modules_to_save=head,
+        )
     return get_peft_model(model, peft_cfg), family
 
 
@@ -199,7 +229,10 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
     run_dir = Path(cfg.run_dir)
     if not cfg.base_model:
         raise DataError("finetune.base_model is not set: point it at an HF model directory (e.g. a pretraining export)")
-    if not Path(cfg.base_model, "tokenizer_config.json").is_file() and not Path(cfg.base_model, "tokenizer.json").is_file():
+    if (
+        not Path(cfg.base_model, "tokenizer_config.json").is_file()
+        and not Path(cfg.base_model, "tokenizer.json").is_file()
+    ):
         raise DataError(f"base model {cfg.base_model} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     names, train, validation, test = load_splits(cfg)
@@ -212,18 +245,39 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
         # 2. model (+ adapters) and engine
         from transformers import AutoConfig
 
-        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=AutoConfig.from_pretrained(cfg.base_model).hidden_size)
+        ds = engine_lib.ds_config(
+            cfg.optim, cfg.zero, cfg.scaling, hidden_size=AutoConfig.from_pretrained(cfg.base_model).hidden_size
+        )
         model, family = build_model(cfg, names, ds)
         trainable, total = models.num_params(model, trainable_only=True), models.num_params(model)
         engine = engine_lib.initialize(model, cfg.optim, ds)
         if world.is_rank_zero:
-            log.info("%s %s: %s of %s parameters train (%.2f%%); %d labels; %d train / %d validation / %d test; %s", family, cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(names), len(train), len(validation or []), len(test), batch_arithmetic(cfg.optim, cfg.scaling))
+            log.info(
+                "%s %s: %s of %s parameters train (%.2f%%); %d labels; %d train / %d validation / %d test; %s",
+                family,
+                cfg.peft.method,
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / total,
+                len(names),
+                len(train),
+                len(validation or []),
+                len(test),
+                batch_arithmetic(cfg.optim, cfg.scaling),
+            )
 
         def encode(split: Split, idx: list[int]):
             texts = [split.texts[i] for i in idx]
             pairs = [split.pairs[i] for i in idx] if split.pairs is not None else None
-            enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.task.max_length, padding=True, return_tensors="pt")
-            return {k: v.to(engine.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids") and (k != "token_type_ids" or family == "bert")}
+            enc = tokenizer(
+                texts, pairs, truncation=True, max_length=cfg.task.max_length, padding=True, return_tensors="pt"
+            )
+            return {
+                k: v.to(engine.device)
+                for k, v in enc.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")
+                and (k != "token_type_ids" or family == "bert")
+            }
 
         def predict(split: Split) -> list[int]:
             """Predictions for a split. Collective: every rank runs the same number of forwards."""
@@ -250,8 +304,15 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
         G = cfg.optim.global_batch_size
         steps_per_epoch = len(train) // G
         if steps_per_epoch == 0:
-            raise DataError(f"{cfg.task.train_file}: {len(train)} training examples are fewer than one global batch of {G}")
-        lengths = np.array([len(t) + (len(p) if train.pairs is not None else 0) for t, p in zip(train.texts, train.pairs or train.texts)])
+            raise DataError(
+                f"{cfg.task.train_file}: {len(train)} training examples are fewer than one global batch of {G}"
+            )
+        lengths = np.array(
+            [
+                len(t) + (len(p) if train.pairs is not None else 0)
+                for t, p in zip(train.texts, train.pairs or train.texts)
+            ]
+        )
         start = last_time = time.perf_counter()
         loss_acc, loss_n, last_step = 0.0, 0, 0
         best, best_step, best_weights, evals_since_best = -1.0, 0, None, 0
@@ -264,7 +325,9 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
             for m in range(accum):
                 lo = (m * world.world_size + world.rank) * micro
                 ids = batch[lo : lo + micro].tolist()
-                out = engine(**encode(train, ids), labels=torch.tensor([train.labels[i] for i in ids], device=engine.device))
+                out = engine(
+                    **encode(train, ids), labels=torch.tensor([train.labels[i] for i in ids], device=engine.device)
+                )
                 engine.backward(out.loss)
                 engine.step()
                 loss_acc += out.loss.item()
@@ -273,10 +336,24 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
             if step % cfg.tracking.log_every_steps == 0 or step == cfg.optim.max_steps:
                 now = time.perf_counter()
                 total_loss, n = all_reduce_sum([loss_acc, loss_n])
-                metrics = {"train_loss": total_loss / max(n, 1), "lr": engine.get_lr()[0], "examples_per_s": G * (step - last_step) / (now - last_time), "epoch": epoch, "peak_memory_mb": engine_lib.peak_memory_mb(cfg.scaling)}
+                metrics = {
+                    "train_loss": total_loss / max(n, 1),
+                    "lr": engine.get_lr()[0],
+                    "examples_per_s": G * (step - last_step) / (now - last_time),
+                    "epoch": epoch,
+                    "peak_memory_mb": engine_lib.peak_memory_mb(cfg.scaling),
+                }
                 tracker.log(metrics, step)
                 if world.is_rank_zero:
-                    log.info("[%s] step %d/%d | loss %.4f | lr %.2e | %.0f examples/s", cfg.name, step, cfg.optim.max_steps, metrics["train_loss"], metrics["lr"], metrics["examples_per_s"])
+                    log.info(
+                        "[%s] step %d/%d | loss %.4f | lr %.2e | %.0f examples/s",
+                        cfg.name,
+                        step,
+                        cfg.optim.max_steps,
+                        metrics["train_loss"],
+                        metrics["lr"],
+                        metrics["examples_per_s"],
+                    )
                 loss_acc, loss_n, last_step, last_time = 0.0, 0, step, now
             if validation is not None and (step % cfg.eval_every_steps == 0 or step == cfg.optim.max_steps):
                 heartbeat(run_dir, world.rank, step, "eval")
@@ -289,7 +366,13 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                 stop = cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience
                 if broadcast_object(bool(stop)):
                     if world.is_rank_zero:
-                        log.info("[%s] early stop at step %d: no better validation %s since step %d", cfg.name, step, cfg.metric, best_step)
+                        log.info(
+                            "[%s] early stop at step %d: no better validation %s since step %d",
+                            cfg.name,
+                            step,
+                            cfg.metric,
+                            best_step,
+                        )
                     break
         train_time_s = time.perf_counter() - start
         if best_weights is not None and best_step != step:
@@ -297,7 +380,9 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                 for (_, p), w in zip(held, best_weights):
                     getattr(p, "ds_tensor", p).copy_(w)
             if world.is_rank_zero:
-                log.info("[%s] testing the best weights: step %d, validation %s %.4f", cfg.name, best_step, cfg.metric, best)
+                log.info(
+                    "[%s] testing the best weights: step %d, validation %s %.4f", cfg.name, best_step, cfg.metric, best
+                )
 
         # 4. test predictions
         heartbeat(run_dir, world.rank, step, "test")
@@ -328,7 +413,11 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
             for i, (t, y, p) in enumerate(zip(test.texts, test.labels, pred)):
                 writer.writerow([t] + ([test.pairs[i]] if test.pairs is not None else []) + [names[y], names[p]])
         (run_dir / "eval.json").write_text(json.dumps(dict(scores, labels=names), indent=1))
-        artifacts = {key: str(out_dir.resolve()), "predictions": str((run_dir / "predictions.csv").resolve()), "base_model": cfg.base_model}
+        artifacts = {
+            key: str(out_dir.resolve()),
+            "predictions": str((run_dir / "predictions.csv").resolve()),
+            "base_model": cfg.base_model,
+        }
         if cfg.export_merged and key == "adapter":
             artifacts["merged_model"] = str(merge_adapter(out_dir, run_dir / "merged").resolve())
         majority = max(np.bincount(test.labels, minlength=len(names))) / len(test)
@@ -346,7 +435,13 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
         }
         tracker.log({k: v for k, v in summary.items() if k.startswith("test_")}, step)
         write_summary(run_dir, summary, artifacts)
-        log.info("[%s] test accuracy %.4f | macro-F1 %.4f | majority class %.4f", cfg.name, scores["accuracy"], scores["macro_f1"], majority)
+        log.info(
+            "[%s] test accuracy %.4f | macro-F1 %.4f | majority class %.4f",
+            cfg.name,
+            scores["accuracy"],
+            scores["macro_f1"],
+            majority,
+        )
         return {"metrics": summary}
     finally:
         tracker.close()
@@ -372,7 +467,9 @@ def load_classifier(model_dir: str | Path):
         if not Path(base).is_dir():
             raise DataError(f"{model_dir}: its base model {base} is not a directory here")
         kw.update(pooling_kwargs(models.family_of(AutoConfig.from_pretrained(base)), pooling, base))
-        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, **kw), str(model_dir))
+        model = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(base, **kw), str(model_dir)
+        )
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)
     return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), names

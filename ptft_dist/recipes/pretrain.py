@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import checkpoint, engine as engine_lib, models
+from .. import checkpoint, models
+from .. import engine as engine_lib
 from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps
 from ..data.build import DataError, check_tokenizer, load_tokenizer, read_manifest, tokenizer_dir
 from ..data.stream import ShardStream, advance, mask_tokens, new_position, read_all
@@ -62,7 +63,9 @@ def _mlm_logits_and_labels(out_logits: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 @torch.no_grad()
-def evaluate(engine, eval_inputs: torch.Tensor, eval_labels: torch.Tensor, micro_batch: int, world: World) -> dict[str, float]:
+def evaluate(
+    engine, eval_inputs: torch.Tensor, eval_labels: torch.Tensor, micro_batch: int, world: World
+) -> dict[str, float]:
     """Held-out MLM loss, masked-token accuracy and perplexity. Collective: every rank runs
     the same number of forwards (ZeRO-3 forwards gather parameters from all ranks)."""
     engine.module.eval()
@@ -83,10 +86,16 @@ def evaluate(engine, eval_inputs: torch.Tensor, eval_labels: torch.Tensor, micro
     loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count])
     engine.module.train()
     loss = loss_sum / max(count, 1)
-    return {"eval_mlm_loss": loss, "eval_mlm_accuracy": correct / max(count, 1), "eval_perplexity": math.exp(min(loss, 50.0))}
+    return {
+        "eval_mlm_loss": loss,
+        "eval_mlm_accuracy": correct / max(count, 1),
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+    }
 
 
-def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_checkpoint: OnCheckpoint | None = None) -> dict | None:
+def run(
+    cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_checkpoint: OnCheckpoint | None = None
+) -> dict | None:
     """Pretrain on every rank; returns the summary on rank 0 (None elsewhere).
 
     ``on_checkpoint(directory, metrics)`` is called on every rank after each rank saved its
@@ -113,22 +122,34 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
     # 2. tracker (rank 0 writes)
     # a resumed run continues its W&B run (rank 0 stored the id in the checkpoint)
     saved = checkpoint.read_state(resume_dir) if resume_dir else {}
-    tracker = Tracker(run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=saved.get("wandb_run_id"))
+    tracker = Tracker(
+        run_dir, cfg.tracking, world, config=_plain(cfg), job_type="pretrain", resume_id=saved.get("wandb_run_id")
+    )
     heartbeat(run_dir, world.rank, saved.get("step", 0), "setup")
     try:
         # 3. model and engine
         hf_config = models.mlm_config(cfg.model, vocab_size=manifest["vocab_size"], special_ids=special)
         ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=hf_config.hidden_size)
         if hf_config.vocab_size < manifest["vocab_size"]:
-            raise DataError(f"model vocab_size {hf_config.vocab_size} < dataset vocab_size {manifest['vocab_size']} ({dataset_dir})")
+            raise DataError(
+                f"model vocab_size {hf_config.vocab_size} < dataset vocab_size {manifest['vocab_size']} ({dataset_dir})"
+            )
         if seq_len > hf_config.max_position_embeddings:
-            raise DataError(f"dataset seq_len {seq_len} > model.max_position_embeddings {hf_config.max_position_embeddings}")
+            raise DataError(
+                f"dataset seq_len {seq_len} > model.max_position_embeddings {hf_config.max_position_embeddings}"
+            )
         with engine_lib.model_init_context(ds):
             model = models.build_mlm(cfg.model, hf_config)
         clock = {"progress": 0.0}  # share of time_budget_s spent, shared by rank 0 every step
         engine = engine_lib.initialize(model, cfg.optim, ds, clock if cfg.time_budget_s else None)
         if world.is_rank_zero:
-            log.info("%s: %s parameters; %s; ZeRO stage %d", type(model).__name__, f"{models.num_params(model):,}", batch_arithmetic(cfg.optim, cfg.scaling, seq_len), cfg.zero.stage)
+            log.info(
+                "%s: %s parameters; %s; ZeRO stage %d",
+                type(model).__name__,
+                f"{models.num_params(model):,}",
+                batch_arithmetic(cfg.optim, cfg.scaling, seq_len),
+                cfg.zero.stage,
+            )
 
         # 4. resume
         step, samples_seen, prior_time = 0, 0, 0.0
@@ -142,15 +163,37 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
 
         # 5. data: this rank's stream, and the fixed held-out set with fixed masks
         stream = ShardStream(
-            dataset_dir, "train", rank=world.rank, world_size=world.world_size, seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            position=copy.deepcopy(position), num_loader_workers=cfg.data.num_loader_workers, on_error=cfg.data.on_error, verify=cfg.data.verify_shards,
+            dataset_dir,
+            "train",
+            rank=world.rank,
+            world_size=world.world_size,
+            seed=cfg.optim.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            position=copy.deepcopy(position),
+            num_loader_workers=cfg.data.num_loader_workers,
+            on_error=cfg.data.on_error,
+            verify=cfg.data.verify_shards,
         )
         position = stream.state_dict()
-        loader = DataLoader(stream, batch_size=cfg.optim.micro_batch_size_per_rank, num_workers=cfg.data.num_loader_workers, collate_fn=_collate)
+        loader = DataLoader(
+            stream,
+            batch_size=cfg.optim.micro_batch_size_per_rank,
+            num_workers=cfg.data.num_loader_workers,
+            collate_fn=_collate,
+        )
         batches = iter(loader)
         _, eval_ids = read_all(dataset_dir, "valid", limit=cfg.data.num_eval_samples)
-        mask_args = dict(mlm_probability=cfg.data.mlm_probability, mask_id=special["mask"], vocab_size=manifest["vocab_size"], special_ids=[special["cls"], special["sep"], special["pad"]])
-        eval_inputs, eval_labels = mask_tokens(torch.from_numpy(eval_ids.astype("int64")), generator=torch.Generator().manual_seed(cfg.optim.seed + 1_000_003), **mask_args)
+        mask_args = dict(
+            mlm_probability=cfg.data.mlm_probability,
+            mask_id=special["mask"],
+            vocab_size=manifest["vocab_size"],
+            special_ids=[special["cls"], special["sep"], special["pad"]],
+        )
+        eval_inputs, eval_labels = mask_tokens(
+            torch.from_numpy(eval_ids.astype("int64")),
+            generator=torch.Generator().manual_seed(cfg.optim.seed + 1_000_003),
+            **mask_args,
+        )
 
         # 6. the loop
         tokens_per_step = cfg.optim.global_batch_size * seq_len
@@ -164,9 +207,19 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         config_yaml = dump_yaml(cfg)
 
         def save(tag_step: int, metrics: dict) -> None:
-            train_state = {"step": tag_step, "samples_seen": samples_seen, "data_position": position, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "wandb_run_id": tracker.run_id, "train_time_s": train_time, "nonfinite_skipped_steps": skipped_steps}
+            train_state = {
+                "step": tag_step,
+                "samples_seen": samples_seen,
+                "data_position": position,
+                "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+                "wandb_run_id": tracker.run_id,
+                "train_time_s": train_time,
+                "nonfinite_skipped_steps": skipped_steps,
+            }
             if on_checkpoint is None:
-                checkpoint.save(engine, run_dir / "checkpoints" / f"step_{tag_step:08d}", world, train_state, config_yaml)
+                checkpoint.save(
+                    engine, run_dir / "checkpoints" / f"step_{tag_step:08d}", world, train_state, config_yaml
+                )
                 return
             with tempfile.TemporaryDirectory(prefix="ptft-ckpt-") as tmp:
                 checkpoint.save(engine, tmp, world, train_state, config_yaml)
@@ -180,7 +233,9 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         if skip_nonfinite:
             for p in engine.module.parameters():
                 if p.requires_grad:
-                    p.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) if sanitize["on"] else g)
+                    p.register_hook(
+                        lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) if sanitize["on"] else g
+                    )
         ledger = None
         if cfg.data.ledger:
             (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
@@ -194,7 +249,9 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 step_keys += _keys
                 # The mask of a micro batch depends only on (seed, rank, step, micro index):
                 # a resumed run draws the same masks without saving generator state.
-                gen = torch.Generator().manual_seed(((cfg.optim.seed * 1_000_003 + world.rank) * 1_000_003 + step) * 64 + micro)
+                gen = torch.Generator().manual_seed(
+                    ((cfg.optim.seed * 1_000_003 + world.rank) * 1_000_003 + step) * 64 + micro
+                )
                 inputs, labels = mask_tokens(ids, generator=gen, **mask_args)
                 out = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device))
                 loss = out.loss
@@ -232,7 +289,15 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             save_due = cfg.checkpoint.every_minutes > 0 and now - last_save > 60 * cfg.checkpoint.every_minutes
             preempted = (run_dir / STOP_FILE).exists()
             zero = world.is_rank_zero
-            flags = all_reduce_sum([float(out_of_time and zero), float(save_due and zero), float(preempted and zero), float(nonfinite), elapsed * zero])
+            flags = all_reduce_sum(
+                [
+                    float(out_of_time and zero),
+                    float(save_due and zero),
+                    float(preempted and zero),
+                    float(nonfinite),
+                    elapsed * zero,
+                ]
+            )
             out_of_time, save_due, preempted, train_time = flags[0] > 0, flags[1] > 0, flags[2] > 0, flags[4]
             if cfg.time_budget_s:
                 clock["progress"] = min(1.0, train_time / cfg.time_budget_s)
@@ -240,13 +305,27 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
             if flags[3] > 0 and skip_nonfinite:
                 skipped_steps += 1
                 if world.is_rank_zero:
-                    log.warning("step %d: the training loss is not finite (NaN or inf); the step's update is skipped (%d skipped so far)", step, skipped_steps)
+                    log.warning(
+                        "step %d: the training loss is not finite (NaN or inf); the step's update is skipped (%d "
+                        "skipped so far)",
+                        step,
+                        skipped_steps,
+                    )
                 if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                    raise FloatingPointError(f"step {step}: the training loss was not finite for {consecutive_skips} steps in a row (on_nonfinite_loss: skip gives up after {MAX_CONSECUTIVE_SKIPS}); lower optim.lr or check the data")
+                    raise FloatingPointError(
+                        f"step {step}: the training loss was not finite for {consecutive_skips} steps in a row "
+                        f"(on_nonfinite_loss: skip gives up after {MAX_CONSECUTIVE_SKIPS}); lower optim.lr or check "
+                        "the data"
+                    )
             elif flags[3] > 0:  # every rank sees it at the same step and stops
-                raise FloatingPointError(f"step {step}: the training loss is not finite on {int(flags[3])} of {world.world_size} ranks (NaN or inf); lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"step {step}: the training loss is not finite on {int(flags[3])} of {world.world_size} ranks "
+                    "(NaN or inf); lower optim.lr or check the data"
+                )
             # stop_at_step pauses a run that started before it; the resumed run goes on
-            paused = (cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps) or (preempted and step < cfg.optim.max_steps)
+            paused = (cfg.stop_at_step is not None and start_step < cfg.stop_at_step <= step < cfg.optim.max_steps) or (
+                preempted and step < cfg.optim.max_steps
+            )
             last = step == cfg.optim.max_steps or out_of_time or paused
 
             if step % cfg.tracking.log_every_steps == 0 or last:
@@ -276,7 +355,15 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 metrics["eta_s"] = eta
                 tracker.log(metrics, step)
                 if world.is_rank_zero:
-                    log.info("step %d/%d | loss %.3f | lr %.2e | %.0f tok/s | ETA %.0fs", step, cfg.optim.max_steps, metrics["train_loss"], metrics["lr"], metrics["tokens_per_s"], eta)
+                    log.info(
+                        "step %d/%d | loss %.3f | lr %.2e | %.0f tok/s | ETA %.0fs",
+                        step,
+                        cfg.optim.max_steps,
+                        metrics["train_loss"],
+                        metrics["lr"],
+                        metrics["tokens_per_s"],
+                        eta,
+                    )
                 last_step, last_time, loss_acc, loss_n = step, now, 0.0, 0
 
             if step % cfg.eval_every_steps == 0 or last:
@@ -284,7 +371,12 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
                 eval_metrics = evaluate(engine, eval_inputs, eval_labels, cfg.optim.micro_batch_size_per_rank, world)
                 tracker.log(dict(eval_metrics, train_time_s=train_time), step)
                 if world.is_rank_zero:
-                    log.info("step %d eval | mlm loss %.3f | masked-token accuracy %.3f", step, eval_metrics["eval_mlm_loss"], eval_metrics["eval_mlm_accuracy"])
+                    log.info(
+                        "step %d eval | mlm loss %.3f | masked-token accuracy %.3f",
+                        step,
+                        eval_metrics["eval_mlm_loss"],
+                        eval_metrics["eval_mlm_accuracy"],
+                    )
 
             if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or save_due or last:
                 if world.is_rank_zero and not last:
@@ -304,8 +396,17 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         if paused:
             if world.is_rank_zero:
                 why = "preemption (SIGTERM)" if preempted else "stop_at_step"
-                log.info("stopped at step %d of %d (%s); run again with the same run dir to resume", step, cfg.optim.max_steps, why)
-                write_summary(run_dir, dict(eval_metrics, steps=step, completed=False, preempted=bool(preempted)), {"checkpoints": str((run_dir / "ray").resolve())})
+                log.info(
+                    "stopped at step %d of %d (%s); run again with the same run dir to resume",
+                    step,
+                    cfg.optim.max_steps,
+                    why,
+                )
+                write_summary(
+                    run_dir,
+                    dict(eval_metrics, steps=step, completed=False, preempted=bool(preempted)),
+                    {"checkpoints": str((run_dir / "ray").resolve())},
+                )
             return None
 
         # 7. export the consolidated weights
@@ -317,8 +418,21 @@ def run(cfg: PretrainConfig, world: World, *, resume_dir: str | None = None, on_
         barrier()
         if not world.is_rank_zero:
             return None
-        summary_metrics = dict(eval_metrics, data_skipped_samples=skipped, nonfinite_skipped_steps=skipped_steps, steps=step, completed=True, tokens_seen=samples_seen * seq_len, train_time_s=train_time_s, parameters=models.num_params(model))
-        write_summary(run_dir, summary_metrics, {"hf_model": str(export_dir.resolve()), "dataset": str(Path(dataset_dir).resolve())})
+        summary_metrics = dict(
+            eval_metrics,
+            data_skipped_samples=skipped,
+            nonfinite_skipped_steps=skipped_steps,
+            steps=step,
+            completed=True,
+            tokens_seen=samples_seen * seq_len,
+            train_time_s=train_time_s,
+            parameters=models.num_params(model),
+        )
+        write_summary(
+            run_dir,
+            summary_metrics,
+            {"hf_model": str(export_dir.resolve()), "dataset": str(Path(dataset_dir).resolve())},
+        )
         return {"metrics": summary_metrics, "artifacts": {"hf_model": str(export_dir.resolve())}}
     finally:
         tracker.close()
