@@ -665,9 +665,10 @@ class RunLength:
     epochs: float
     samples: int
     tokens: int | None
+    unit: str = "samples"
 
     def __str__(self) -> str:
-        text = f"{self.steps:,} steps = {self.epochs:.3g} epochs ({self.samples:,} samples)"
+        text = f"{self.steps:,} steps = {self.epochs:.3g} epochs ({self.samples:,} {self.unit})"
         return text + (f" = {_si(self.tokens)} tokens" if self.tokens is not None else "")
 
 

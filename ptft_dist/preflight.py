@@ -336,7 +336,7 @@ def _finetune_notes(name: str, cfg: C.FinetuneConfig, task: TaskCheck) -> tuple[
             f"{name}: the training split holds {task.num_train} examples, fewer than one global batch of "
             f"{cfg.optim.global_batch_size} (optim.global_batch_size)"
         )
-    length = C.run_length(cfg.optim, task.num_train)
+    length = dataclasses.replace(C.run_length(cfg.optim, task.num_train), unit="examples")
     per_class = ", ".join(f"{label} {n:,}" for label, n in task.train_counts.items())
     notes = [
         f"{name}: {len(task.labels)} labels; {task.num_train:,} train / {task.num_validation:,} validation / "
@@ -388,7 +388,7 @@ def preflight(command: str, cfg: Any) -> Checked:
         return Checked(run, notes)
     if command == "finetune":
         task, _ = _every(lambda: check_task(cfg), lambda: check_base_model(cfg))
-        run, notes = _finetune_notes(f"finetune {cfg.name}", cfg, task)
+        run, notes = _finetune_notes("finetune" if cfg.name == "finetune" else f"finetune {cfg.name}", cfg, task)
         return Checked(run, notes)
     if command == "pipeline":
         sources = check_inputs(cfg.data)
