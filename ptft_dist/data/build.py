@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from ..config import DataBuildConfig
 from . import files
 from .errors import DataError
-from .ingest import Batch, is_validation, mixed_batches, resolve_sources
+from .ingest import Batch, Mix, Source, is_validation, resolve_sources
 from .shards import ShardWriter, record_bytes
 
 __all__ = [
@@ -92,8 +93,9 @@ def default_corpus() -> list[str]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
-    """Train a WordPiece or byte-level BPE tokenizer; returns a PreTrainedTokenizerFast."""
+def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str], show_progress: bool = False):
+    """Train a WordPiece or byte-level BPE tokenizer; returns a PreTrainedTokenizerFast.
+    ``show_progress``: the trainer's own bars (stdout; only on a terminal)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,7 +106,10 @@ def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=tc.vocab_size, min_frequency=tc.min_frequency, special_tokens=SPECIAL_TOKENS
+            vocab_size=tc.vocab_size,
+            min_frequency=tc.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=show_progress,
         )
     else:
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -118,6 +123,7 @@ def train_tokenizer(cfg: DataBuildConfig, documents: Iterator[str]):
             min_frequency=tc.min_frequency,
             special_tokens=SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
         )
     tok.train_from_iterator(documents, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -352,23 +358,112 @@ def default_num_proc() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+class _PhaseProgress:
+    """How far one phase of the build is: on a terminal a bar (share of the planned input
+    with ETA); elsewhere a log line every ``every_s`` seconds (no bar redraws in a log file)."""
+
+    def __init__(self, name: str, mix: Mix, sources: list[Source], enabled: bool, every_s: float = 30.0):
+        self.name, self.mix, self.every_s = name, mix, every_s
+        self.in_bytes = all(s.collection is None for s in sources)
+        passes = [1 if mix.first_pass_only else s.num_passes for s in sources]
+        self.total = sum(s.planned * n for s, n in zip(sources, passes))
+        self.start = self.last_log = time.perf_counter()
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            unit = "B" if self.in_bytes else " units"
+            self.bar = tqdm(desc=name, total=self.total, unit=unit, unit_scale=self.in_bytes, mininterval=1.0)
+        log.info("%s: reading %s", name, self._size(self.total))
+
+    def _size(self, n: float) -> str:
+        return f"{n / 1e6:,.1f} MB" if self.in_bytes else f"{n:,.0f} documents"
+
+    def update(self, postfix: str = "") -> None:
+        done = self.mix.fraction_done * self.total
+        if self.bar is not None:
+            self.bar.update(max(0, int(done) - self.bar.n))
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            return
+        now = time.perf_counter()
+        if not self.enabled or now - self.last_log < self.every_s:
+            return
+        self.last_log = now
+        share = done / max(1, self.total)
+        eta = (now - self.start) * (1 - share) / share if share > 0 else float("nan")
+        log.info(
+            "%s: %.0f%% (%s of %s), ETA %s%s",
+            self.name,
+            100 * share,
+            self._size(done),
+            self._size(self.total),
+            f"{eta:.0f}s" if eta == eta else "?",
+            f", {postfix}" if postfix else "",
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        log.info("%s: done in %.1fs", self.name, time.perf_counter() - self.start)
+
+
+def _nothing_usable(sources: list[Source], skipped: dict[str, int]) -> str:
+    """Why an input gave no documents: files refused, records skipped, or empty sources."""
+    refused = [f for s in sources for f in s.stats.skipped_files]
+    parts = []
+    if refused:
+        parts.append(
+            f"{len(refused)} input file(s) refused as not text ("
+            + "; ".join(f"{f['file']}: {f['reason']}" for f in refused[:3])
+            + ")"
+        )
+    if skipped:
+        parts.append(", ".join(f"{n:,} {reason} records skipped" for reason, n in sorted(skipped.items())))
+    what = "; ".join(parts) if parts else "every source is empty"
+    return f"no usable documents in {', '.join(s.name for s in sources)}: {what}"
+
+
 # --------------------------------------------------------------------------- build
 
 
 def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Build a dataset directory; returns the manifest. Raises DataError on bad input."""
     out = Path(out_dir)
-    sources = resolve_sources(cfg.inputs or default_corpus(), cfg.input_weights)
-    out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds a dataset ({MANIFEST}); choose another output directory or remove it")
-    read = dict(text_field=cfg.text_field, min_chars=cfg.min_doc_chars, validation_fraction=cfg.validation_fraction)
+    sources = resolve_sources(
+        cfg.inputs or default_corpus(),
+        cfg.input_weights,
+        on_error=cfg.on_error,
+        mongo=cfg.mongo,
+        text_field=cfg.text_field,
+    )
+    if not any(s.files or s.collection is not None for s in sources):
+        raise DataError(_nothing_usable(sources, {}))
+    out.mkdir(parents=True, exist_ok=True)
+    read = dict(
+        text_field=cfg.text_field,
+        min_chars=cfg.min_doc_chars,
+        validation_fraction=cfg.validation_fraction,
+        on_error=cfg.on_error,
+    )
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:
-        first = _limited(mixed_batches(sources, first_pass_only=True, **read), cfg.max_documents)
-        docs = (t for b in first for t, s in zip(b.texts, b.splits) if s == "train")
-        tokenizer = train_tokenizer(cfg, docs)
+        first = Mix(sources, first_pass_only=True, **read)
+        phase = _PhaseProgress("train tokenizer", first, sources, progress)
+        counted = {"documents": 0}
+
+        def docs():
+            for b in _limited(iter(first), cfg.max_documents):
+                phase.update()
+                counted["documents"] += len(b.texts)
+                yield from (t for t, s in zip(b.texts, b.splits) if s == "train")
+
+        tokenizer = train_tokenizer(cfg, docs(), show_progress=progress and sys.stdout.isatty())
+        phase.close()
+        if counted["documents"] == 0:
+            raise DataError(_nothing_usable(sources, first.skipped()))
     tok_dir = out / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     if not (tok_dir / "tokenizer.json").is_file():
@@ -387,10 +482,11 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
     num_docs = {"train": 0, "valid": 0}
     num_proc = default_num_proc() if cfg.num_proc is None else cfg.num_proc
     encoder = _Encoder(tok_dir / "tokenizer.json", ids["sep"], num_proc)
-    bar = tqdm(desc="tokenize + pack", unit=" docs", disable=not progress, mininterval=1.0)
+    mix = Mix(sources, **read)
+    phase = _PhaseProgress("tokenize + pack", mix, sources, progress)
     start, num_tokens, num_bytes = time.perf_counter(), 0, 0
     try:
-        for batch, encoded in encoder.map(_limited(mixed_batches(sources, **read), cfg.max_documents)):
+        for batch, encoded in encoder.map(_limited(iter(mix), cfg.max_documents)):
             for split in ("train", "valid"):
                 packers[split].add(encoded[split])
                 num_docs[split] += batch.splits.count(split)
@@ -398,17 +494,22 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
                 sources[source].num_documents[split] += 1
             num_tokens += encoded["num_tokens"]
             num_bytes += encoded["num_bytes"]
-            bar.update(len(batch.texts))
-            bar.set_postfix_str(
-                f"{num_tokens:,} tokens, {num_bytes / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s",
-                refresh=False,
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            phase.update(
+                f"{sum(num_docs.values()):,} docs, {num_tokens:,} tokens, {num_bytes / 1e6 / elapsed:.1f} MB/s"
             )
     finally:
         encoder.close()
-        bar.close()
+        phase.close()
     for writer in writers.values():
         writer.close_shard()
-    names = ", ".join(s.pattern for s in sources)
+    for source in sources:
+        log.info("source %s", source.summary())
+        if not sum(source.num_documents.values()) and not cfg.max_documents:
+            log.warning("source %s yields no documents", source.name)
+    if not sum(num_docs.values()):
+        raise DataError(_nothing_usable(sources, mix.skipped()))
+    names = ", ".join(s.name for s in sources)
     for split in ("train", "valid"):
         if writers[split].num_samples == 0:
             raise DataError(
@@ -416,6 +517,7 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
                 "documents); add text or lower seq_len"
             )
 
+    log.info("write manifest")
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -434,6 +536,7 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
             "samples_per_shard": per_shard,
             "validation_fraction": cfg.validation_fraction,
             "min_doc_chars": cfg.min_doc_chars,
+            "on_error": cfg.on_error,
             "input_text_bytes": num_bytes,
             "input_tokens": num_tokens,
         },

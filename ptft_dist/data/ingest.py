@@ -1,25 +1,39 @@
-"""Reading raw text for `ptft data build`: file formats, compression, sources and their mix.
+"""Reading raw text for `ptft data build`: file formats, compression, sources, their mix, and
+the checks that keep garbage out.
 
 Formats (by file name): ``.txt``/``.raw`` (one document per non-empty line), ``.jsonl`` (one
 JSON object per line, text in a named field), ``.csv``/``.tsv`` (header row, text in a named
 column), ``.parquet`` (text in a named column); each but Parquet optionally ``.gz`` or
-``.zst``. Everything streams: memory holds one batch of documents per source.
+``.zst``. ``.tar`` shards made by WebDataset (or any tar of samples), local or URL, with
+brace notation (``corpus-{000000..000099}.tar``): each sample's ``.txt`` member is one
+document, a ``.json`` member one object, a ``.jsonl`` member one object per line. A
+``mongodb://host/db.collection`` location reads a collection (see :mod:`.mongo`).
+Everything streams: memory holds one batch of documents per source.
 
-A *source* is one entry of ``data.inputs`` (a file or a glob) with one mixing weight. A weight
-``w`` means every training document of the source is written ``w`` times per pass over the
-data: ``floor(w)`` copies of each, plus one more copy of a share ``w - floor(w)`` of them picked
-by a stable hash of the text (``0.5`` keeps half of the documents; ``2`` doubles the source).
-Copies come from re-reading the source, so they land far apart in the shards. Held-out
-(validation) documents are written once whatever the weight, so evaluation does not depend
-on the mix.
+:func:`iter_records` is the one reader of record files (csv, tsv, jsonl, parquet, text) for
+both the data build and the labeled finetuning tasks (:mod:`.labeled`).
+
+A *source* is one entry of ``data.inputs`` (a file, a glob, tar shards or a collection) with
+one mixing weight. A weight ``w`` means every training document of the source is written
+``w`` times per pass over the data: ``floor(w)`` copies of each, plus one more copy of a share
+``w - floor(w)`` of them picked by a stable hash of the text (``0.5`` keeps half of the
+documents; ``2`` doubles the source). Copies come from re-reading the source, so they land far
+apart in the shards. Held-out (validation) documents are written once whatever the weight, so
+evaluation does not depend on the mix.
 
 Sources are interleaved in chunks of a few dozen documents, always taking the next chunk from
-the source that has read the smallest share of its planned bytes: every shard holds the mix,
-not one source after another.
+the source that has read the smallest share of its planned bytes (documents, for a
+collection): every shard holds the mix, not one source after another.
+
+**Garbage.** Before anything is tokenized, the first 64 KiB of every text file are checked: a
+NUL byte, or more than :data:`GARBAGE_SHARE` of control or undecodable characters, refuses the
+file by name (``data.on_error: skip``: the file is left out and counted). Every document read
+gets the same check; undecodable bytes become U+FFFD and are counted per source.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
@@ -27,16 +41,30 @@ import hashlib
 import heapq
 import io
 import json
+import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import files
+from . import mongo as mongo_source
 from .errors import DataError
 
-TEXT_SUFFIXES = {".txt": "text", ".raw": "text", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {
+    ".txt": "text",
+    ".raw": "text",
+    ".jsonl": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".tar": "tar",
+}
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 #: a batch closes at this many documents or this many characters, whichever comes first
 BATCH_DOCUMENTS = 1000
@@ -44,25 +72,62 @@ BATCH_CHARS = 1 << 20
 #: sources are interleaved in chunks this small, so that a shard mixes them finely
 CHUNK_DOCUMENTS = 64
 CHUNK_CHARS = 1 << 16
+#: a text (a file's first SNIFF_BYTES, or one document) with a larger share of control or
+#: undecodable characters is garbage, as is one with a NUL
+GARBAGE_SHARE = 0.10
+SNIFF_BYTES = 64 << 10
+#: the members of a tar sample that hold text, by extension
+TAR_TEXT_MEMBERS = ("txt", "json", "jsonl")
+#: warnings naming skipped records, per source (the rest are counted)
+MAX_NAMED_SKIPS = 5
+
+# Control characters but tab, newline, vertical tab, form feed and carriage return; C1 controls; U+FFFD.
+_BAD_CHARS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+#: undecodable bytes replaced so far in this process (the "ptft-replace" codec error handler)
+_REPLACED = [0]
 
 
-def file_format(path: Path) -> tuple[str, str | None]:
+def _count_replaced(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    _REPLACED[0] += error.end - error.start
+    return "\ufffd", error.end  # what errors="replace" gives: the text is the same
+
+
+codecs.register_error("ptft-replace", _count_replaced)
+
+
+def garbage(text: str) -> str | None:
+    """Why ``text`` is not text (NUL, or too many control / undecodable characters), or None."""
+    if "\x00" in text:
+        return "it holds NUL bytes (binary data, or UTF-16)"
+    if not _BAD_CHARS.search(text):
+        return None
+    bad = len(_BAD_CHARS.findall(text))
+    if bad > GARBAGE_SHARE * len(text):
+        return f"{bad / len(text):.0%} of its characters are control or undecodable bytes (binary data?)"
+    return None
+
+
+def file_format(path: Path | str) -> tuple[str, str | None]:
     """(format, compression) of an input file from its name; DataError when unsupported."""
-    name = path.name.lower()
+    name = str(path).rsplit("/", 1)[-1].lower()
     compression = None
     for suffix in COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
             compression, name = suffix[1:], name[: -len(suffix)]
     for suffix, kind in TEXT_SUFFIXES.items():
         if name.endswith(suffix):
-            if kind == "parquet" and compression:
+            if kind in ("parquet", "tar") and compression:
                 raise DataError(
-                    f"input file {path}: Parquet is compressed inside the file; do not wrap it in .{compression}"
+                    f"input file {path}: {'Parquet' if kind == 'parquet' else 'a tar shard'} is read as is; do not "
+                    f"wrap it in .{compression}"
+                    + (" (Parquet is compressed inside the file)" if kind == "parquet" else "")
                 )
             return kind, compression
     raise DataError(
-        f"input file {path}: unsupported type; use .txt, .raw, .jsonl, .csv, .tsv or .parquet (text formats "
-        "optionally .gz or .zst)"
+        f"input file {path}: unsupported type; use .txt, .raw, .jsonl, .csv, .tsv, .parquet (text formats "
+        "optionally .gz or .zst), .tar shards or a mongodb:// collection"
     )
 
 
@@ -78,32 +143,112 @@ def _keeps_extra_copy(text: str, share: float, salt: int) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < share
 
 
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class SourceStats:
+    """What reading one source saw (first pass only): replaced bytes, records left out and why,
+    files refused as garbage."""
+
+    replaced_bytes: int = 0
+    skipped_records: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[dict] = field(default_factory=list)
+    #: counts only, no warnings (the tokenizer's pass: the full pass names them)
+    quiet: bool = False
+
+    def skip(self, reason: str, where: str, message: str) -> None:
+        n = self.skipped_records.get(reason, 0) + 1
+        self.skipped_records[reason] = n
+        if n <= MAX_NAMED_SKIPS and not self.quiet:
+            log.warning(
+                "skipped %s%s", message, " (further ones are counted, not named)" if n == MAX_NAMED_SKIPS else ""
+            )
+
+
 @dataclass
 class Source:
-    """One entry of ``data.inputs``: the files its pattern matched and its mixing weight."""
+    """One entry of ``data.inputs``: the files its pattern matched (or its collection), its
+    mixing weight, and what reading it saw."""
 
     pattern: str
-    files: list[Path]
+    files: list
     weight: float = 1.0
     num_bytes: int = 0
     num_documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "valid": 0})
+    collection: mongo_source.Collection | None = None
+    collection_info: dict | None = None
+    stats: SourceStats = field(default_factory=SourceStats)
 
     @property
     def num_passes(self) -> int:
         return max(1, math.ceil(self.weight))
 
+    @property
+    def name(self) -> str:
+        """The pattern as it may be shown (a MongoDB password replaced by ``***``)."""
+        return mongo_source.public_uri(self.pattern) if self.collection else self.pattern
+
+    @property
+    def planned(self) -> int:
+        """Units of progress of one pass: bytes of the files, or documents of a collection."""
+        if self.collection is not None:
+            return max(1, (self.collection_info or {}).get("count") or 1)
+        return max(1, self.num_bytes)
+
     def manifest_entry(self) -> dict:
-        return {
-            "input": self.pattern,
+        entry = {
+            "input": self.name,
             "files": [str(f) for f in self.files],
             "weight": self.weight,
             "num_bytes": self.num_bytes,
             "num_documents": dict(self.num_documents),
+            "replaced_bytes": self.stats.replaced_bytes,
+            "skipped_records": dict(self.stats.skipped_records),
+            "skipped_files": list(self.stats.skipped_files),
         }
+        if self.collection is not None:
+            entry["mongodb"] = self.collection.manifest_entry() | (self.collection_info or {})
+        return entry
+
+    def summary(self) -> str:
+        """One line for the build summary: documents, replaced bytes, what was left out."""
+        docs = self.num_documents["train"] + self.num_documents["valid"]
+        parts = [f"{docs:,} documents"]
+        if self.stats.replaced_bytes:
+            parts.append(f"{self.stats.replaced_bytes:,} undecodable bytes replaced")
+        for reason, n in sorted(self.stats.skipped_records.items()):
+            parts.append(f"{n:,} {reason} records skipped")
+        if self.stats.skipped_files:
+            parts.append(f"{len(self.stats.skipped_files)} files refused as garbage")
+        return f"{self.name}: " + ", ".join(parts)
 
 
-def resolve_sources(patterns: list[str], weights: list[float] | None = None) -> list[Source]:
-    """Expand globs; every pattern must match at least one supported file."""
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def _expand(pattern: str) -> list[str]:
+    """Brace notation (``shard-{000..009}.tar``, ``{a,b}.txt``), then globs (local)."""
+    if _BRACES.search(pattern):
+        from braceexpand import braceexpand
+
+        names = list(braceexpand(pattern))
+    else:
+        names = [pattern]
+    out = []
+    for name in names:
+        if not files.is_remote(name) and glob.has_magic(name):
+            out += sorted(glob.glob(os.path.expanduser(name)))
+        else:
+            out.append(name)
+    return out
+
+
+def resolve_sources(
+    patterns: list[str], weights: list[float] | None = None, *, on_error: str = "raise", mongo=None, text_field="text"
+) -> list[Source]:
+    """Expand globs and braces, check every file exists and looks like text, connect to every
+    collection: all before anything is tokenized. ``mongo`` holds the ``data.mongo`` settings."""
     weights = list(weights or [])
     if weights and len(weights) != len(patterns):
         raise DataError(
@@ -112,21 +257,84 @@ def resolve_sources(patterns: list[str], weights: list[float] | None = None) -> 
         )
     sources = []
     for i, pattern in enumerate(patterns):
-        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        weight = float(weights[i]) if weights else 1.0
+        shown = mongo_source.public_uri(pattern) if mongo_source.is_mongo(pattern) else pattern
+        if not weight > 0 or math.isinf(weight):
+            raise DataError(f"data.input_weights[{i}] = {weight!r} for {shown!r}: a weight must be a positive number")
+        if mongo_source.is_mongo(pattern):
+            sources.append(_mongo_source(pattern, weight, mongo, text_field))
+            continue
+        matches = _expand(pattern)
         if not matches:
             raise DataError(f"input pattern {pattern!r} matches no file")
-        found = []
+        stats = SourceStats()
+        found, size = [], 0
         for m in matches:
+            kind, compression = file_format(m)
+            if files.is_remote(m):
+                if kind != "tar":
+                    raise DataError(f"input {m}: only .tar shards are read from URLs; copy the file to local disk")
+                if not files.exists(m):
+                    raise DataError(f"input file {m} does not exist")
+                found.append(m)
+                continue
             p = Path(m)
             if not p.is_file():
                 raise DataError(f"input file {p} does not exist")
-            file_format(p)
+            reason = _sniff(p, kind, compression)
+            if reason:
+                message = f"input file {p}: {reason}, not text"
+                if on_error != "skip":
+                    raise DataError(f"{message}; remove it from data.inputs or set data.on_error=skip")
+                log.warning("%s: left out (data.on_error=skip)", message)
+                stats.skipped_files.append({"file": str(p), "reason": reason})
+                continue
             found.append(p)
-        weight = float(weights[i]) if weights else 1.0
-        if not weight > 0 or math.isinf(weight):
-            raise DataError(f"data.input_weights[{i}] = {weight!r} for {pattern!r}: a weight must be a positive number")
-        sources.append(Source(pattern, found, weight, sum(p.stat().st_size for p in found)))
+            size += p.stat().st_size
+        sources.append(Source(pattern, found, weight, size, stats=stats))
     return sources
+
+
+def _mongo_source(location: str, weight: float, settings, text_field: str) -> Source:
+    kw = {}
+    if settings is not None:
+        kw = dict(
+            filter=settings.filter,
+            projection=settings.projection,
+            sort=settings.sort,
+            batch_size=settings.batch_size,
+            timeout_ms=settings.timeout_ms,
+        )
+    spec = mongo_source.parse(location, **kw)
+    info = mongo_source.describe(spec)
+    if spec.projection is not None and text_field.split(".")[0] not in spec.projection:
+        log.warning("%s: data.mongo.projection does not name data.text_field %r", spec.where, text_field)
+    return Source(location, [], weight, 0, collection=spec, collection_info=info)
+
+
+def _sniff(path: Path, kind: str, compression: str | None) -> str | None:
+    """Why the start of a text file is not text, or None (Parquet is typed: not sniffed)."""
+    if kind in ("parquet", "tar"):
+        return None
+    try:
+        with _open_stream(path, compression, []) as fh:
+            head = fh.read(SNIFF_BYTES)
+    except (EOFError, OSError):
+        return None  # unreadable: the read itself names it
+    except Exception as e:
+        if type(e).__module__.startswith("zstd") or type(e).__name__ == "ZstdError":
+            return None
+        raise
+    if b"\x00" in head:
+        return "it holds NUL bytes (binary data, or UTF-16)"
+    text = head.decode("utf-8", "replace")
+    bad = len(_BAD_CHARS.findall(text))
+    if bad > GARBAGE_SHARE * len(text):
+        return f"{bad / len(text):.0%} of the characters of its first {len(head):,} bytes are control or undecodable"
+    return None
+
+
+# --------------------------------------------------------------------------- record files
 
 
 class _Progress:
@@ -146,46 +354,76 @@ class _Progress:
             return 0
 
 
-def _open_text(path: Path, compression: str | None, progress_out: list, newline: str | None) -> io.TextIOWrapper:
+def _open_stream(path: Path, compression: str | None, progress_out: list):
     raw = open(path, "rb")
     progress_out.append(_Progress(raw))
     if compression == "gz":
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif compression == "zst":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "zst":
         try:
             import zstandard
         except ImportError:
             raw.close()
             raise DataError(f"input file {path}: reading .zst needs the `zstandard` package") from None
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    else:
-        stream = raw
-    # Undecodable bytes become U+FFFD rather than aborting a long build.
-    return io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=newline)
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return raw
 
 
-def iter_file_documents(path: Path, text_field: str, min_chars: int, progress_out: list | None = None) -> Iterator[str]:
-    """Documents of one input file, in order, stripped; shorter than min_chars are skipped."""
+def _open_text(path: Path, compression: str | None, progress_out: list, newline: str | None) -> io.TextIOWrapper:
+    # Undecodable bytes become U+FFFD (and are counted) rather than aborting a long build.
+    stream = _open_stream(path, compression, progress_out)
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="ptft-replace", newline=newline)
+
+
+@dataclass
+class Bad:
+    """A record that cannot be used: where it is and why (raised, or skipped and counted)."""
+
+    where: str
+    message: str
+    reason: str = "malformed"
+
+
+class Row(dict):
+    """A CSV/TSV row as {column: value}, knowing how many fields the line had."""
+
+    num_fields: int = 0
+
+
+def iter_records(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    require: tuple[str, ...] = (),
+    tsv_quoting: str = "minimal",
+    progress_out: list | None = None,
+) -> Iterator[tuple[str, dict | Bad]]:
+    """``(where, record)`` for every record of a csv/tsv/jsonl/parquet/text file, in order:
+    ``where`` is ``file:line`` (``file: row n`` for Parquet), a record a dict (a text line is
+    ``{text_field: line}``) or :class:`Bad` for a line that cannot be parsed. ``require`` names
+    columns that must exist (checked on the header or schema; Parquet: as text).
+    ``tsv_quoting="none"`` reads TSV fields as is (GLUE-style files with stray quotes)."""
+    path = Path(files.location(path))
     kind, compression = file_format(path)
     progress_out = progress_out if progress_out is not None else []
+    if kind == "tar":
+        raise DataError(f"{path}: a tar shard is not a record file")
     if kind == "parquet":
-        yield from _parquet_documents(path, text_field, min_chars, progress_out)
+        yield from _parquet_records(path, require, progress_out)
         return
     try:
         with _open_text(path, compression, progress_out, "" if kind in ("csv", "tsv") else None) as fh:
             if kind == "text":
-                for line in fh:
-                    text = line.strip()
-                    if len(text) >= min_chars:
-                        yield text
+                for lineno, line in enumerate(fh, 1):
+                    yield f"{path}:{lineno}", {text_field: line}
             elif kind == "jsonl":
-                yield from _jsonl_documents(fh, path, text_field, min_chars)
+                yield from _jsonl_records(fh, path)
             else:
-                yield from _csv_documents(fh, path, text_field, min_chars, "\t" if kind == "tsv" else ",")
+                yield from _csv_records(fh, path, require, kind, tsv_quoting)
     except (EOFError, OSError) as e:  # a truncated .gz / .zst, or a read error
-        if isinstance(e, DataError):
-            raise
         raise DataError(f"input file {path}: cannot be read to the end ({type(e).__name__}: {e})") from None
+    except DataError:
+        raise
     except Exception as e:
         if type(e).__module__.startswith("zstd") or type(e).__name__ == "ZstdError":
             raise DataError(f"input file {path}: not valid zstd data ({e})") from None
@@ -193,57 +431,63 @@ def iter_file_documents(path: Path, text_field: str, min_chars: int, progress_ou
     progress_out[-1].done = path.stat().st_size
 
 
-def _jsonl_documents(fh, path: Path, text_field: str, min_chars: int) -> Iterator[str]:
+def _jsonl_records(fh, path: Path) -> Iterator[tuple[str, dict | Bad]]:
     for lineno, line in enumerate(fh, 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise DataError(f"{path}:{lineno}: no field {text_field!r} (set data.text_field)")
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not text")
-        text = text.strip()
-        if len(text) >= min_chars:
-            yield text
+            yield where, Bad(where, f"{where}: not valid JSON ({e.msg})")
 
 
-def _csv_documents(fh, path: Path, column: str, min_chars: int, delimiter: str) -> Iterator[str]:
-    csv.field_size_limit(sys.maxsize)
-    reader = csv.reader(fh, delimiter=delimiter)
+def _csv_records(fh, path: Path, require, kind: str, tsv_quoting: str) -> Iterator[tuple[str, dict | Bad]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    tsv = kind == "tsv"
+    quoting = csv.QUOTE_NONE if tsv and tsv_quoting == "none" else csv.QUOTE_MINIMAL
+    reader = csv.reader(fh, delimiter="\t" if tsv else ",", quoting=quoting)
+    what = "TSV" if tsv else "CSV"
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as e:
-        raise DataError(f"{path}:1: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({e})") from None
+        raise DataError(f"{path}:1: not valid {what} ({e})") from None
     names = [h.strip() for h in header]
-    if column not in names:
-        raise DataError(
-            f"{path}: no column {column!r} in the header (columns: {', '.join(names)}); set data.text_field"
-        )
-    index = names.index(column)
-    try:
-        for row in reader:
-            if not row:
-                continue
-            if index >= len(row):
-                raise DataError(
-                    f"{path}:{reader.line_num}: the row has {len(row)} fields, column {column!r} is field {index + 1}"
-                )
-            text = row[index].strip()
-            if len(text) >= min_chars:
-                yield text
-    except csv.Error as e:
-        raise DataError(
-            f"{path}:{reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({e})"
-        ) from None
+    for column in require:
+        if column not in names:
+            raise DataError(
+                f"{path}: no column {column!r} in the header (columns: {', '.join(names)}); set data.text_field"
+            )
+    needed = max((names.index(c) for c in require), default=-1)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            where = f"{path}:{reader.line_num}"
+            raise DataError(f"{where}: not valid {what} ({e})") from None
+        if not row:
+            continue
+        where = f"{path}:{reader.line_num}"
+        if needed >= len(row):
+            column = next(c for c in require if names.index(c) >= len(row))
+            yield (
+                where,
+                Bad(
+                    where,
+                    f"{where}: the row has {len(row)} fields, column {column!r} is field {names.index(column) + 1}",
+                ),
+            )
+            continue
+        record = Row(zip(names, row))
+        record.num_fields = len(row)
+        yield where, record
 
 
-def _parquet_documents(path: Path, column: str, min_chars: int, progress_out: list) -> Iterator[str]:
+def _parquet_records(path: Path, require, progress_out: list) -> Iterator[tuple[str, dict | Bad]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -254,11 +498,12 @@ def _parquet_documents(path: Path, column: str, min_chars: int, progress_out: li
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"input file {path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names
-    if column not in names:
-        raise DataError(f"{path}: no column {column!r} (columns: {', '.join(names)}); set data.text_field")
-    kind = pf.schema_arrow.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise DataError(f"{path}: column {column!r} is {kind}, not text")
+    for column in require:
+        if column not in names:
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(names)}); set data.text_field")
+        kind = pf.schema_arrow.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise DataError(f"{path}: column {column!r} is {kind}, not text")
     size, total_rows, rows = path.stat().st_size, max(1, pf.metadata.num_rows), 0
 
     class _RowProgress:
@@ -269,15 +514,190 @@ def _parquet_documents(path: Path, column: str, min_chars: int, progress_out: li
             return self.done or size * rows // total_rows
 
     progress_out.append(_RowProgress())
-    for batch in pf.iter_batches(batch_size=BATCH_DOCUMENTS, columns=[column]):
-        for text in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(batch_size=BATCH_DOCUMENTS, columns=list(require) or None):
+        for record in batch.to_pylist():
             rows += 1
-            if text is None:
-                continue
-            text = text.strip()
-            if len(text) >= min_chars:
-                yield text
+            yield f"{path}: row {rows}", record
     progress_out[-1].done = size
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _text(where: str, record, text_field: str, null_ok: bool = False) -> str | Bad | None:
+    """The text of one record; None for a null value where nulls are skipped (Parquet)."""
+    if isinstance(record, Bad):
+        return record
+    if not isinstance(record, dict) or text_field not in record:
+        return Bad(where, f"{where}: no field {text_field!r} (set data.text_field)")
+    text = record[text_field]
+    if text is None and null_ok:
+        return None
+    if not isinstance(text, str):
+        return Bad(where, f"{where}: field {text_field!r} is {type(text).__name__}, not text")
+    return text
+
+
+def _file_texts(path: Path, text_field: str, progress_out: list) -> Iterator[tuple[str, str | Bad | None]]:
+    kind, _ = file_format(path)
+    require = (text_field,) if kind in ("csv", "tsv", "parquet") else ()
+    for where, record in iter_records(path, text_field=text_field, require=require, progress_out=progress_out):
+        yield where, _text(where, record, text_field, null_ok=kind == "parquet")
+
+
+def _tar_texts(location: str | Path, text_field: str, progress_out: list) -> Iterator[tuple[str, str | Bad | None]]:
+    """The documents of one tar shard, read with webdataset's tar iterator and sample grouping."""
+    from webdataset import tariterators
+
+    loc = files.location(location)
+    try:
+        fh = files.open_binary(loc)
+    except FileNotFoundError:
+        raise DataError(f"input file {loc} does not exist") from None
+    progress_out.append(_Progress(fh))
+    try:
+        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": loc, "stream": fh}]))
+        for sample in samples:
+            key = sample.get("__key__", "?")
+            members = [ext for ext in TAR_TEXT_MEMBERS if ext in sample]
+            if not members:
+                have = ", ".join(k for k in sample if not k.startswith("__"))
+                yield (
+                    f"{loc} sample {key}",
+                    Bad(
+                        f"{loc} sample {key}",
+                        f"{loc}: sample {key!r} has no text member (.txt, .json or .jsonl; it has: {have})",
+                        "no-text",
+                    ),
+                )
+                continue
+            for ext in members:
+                where = f"{loc} member {key}.{ext}"
+                raw = sample[ext]
+                body = raw.decode("utf-8", "ptft-replace") if isinstance(raw, bytes) else str(raw)
+                if ext == "txt":
+                    yield where, body
+                    continue
+                lines = body.splitlines() if ext == "jsonl" else [body]
+                for n, line in enumerate(lines, 1):
+                    at = f"{where}:{n}" if ext == "jsonl" else where
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield at, Bad(at, f"{at}: not valid JSON ({e.msg})")
+                        continue
+                    yield at, _text(at, record, text_field)
+    except DataError:
+        raise
+    except Exception as e:  # tarfile.ReadError, a truncated member, a duplicate file name
+        raise DataError(f"input file {loc}: not a readable tar shard ({type(e).__name__}: {e})") from None
+    finally:
+        fh.close()
+    progress_out[-1].done = _size(loc)
+
+
+def _size(loc: str) -> int:
+    if not files.is_remote(loc):
+        return os.path.getsize(loc)
+    fs, path = files._fs(loc)
+    try:
+        return int(fs.size(path) or 0)
+    except OSError:
+        return 0
+
+
+def _collection_texts(source: Source, text_field: str, progress_out: list) -> Iterator[tuple[str, str | Bad | None]]:
+    spec = source.collection
+
+    class _Count:
+        bytes_read = 0
+
+    count = _Count()
+    progress_out.append(count)
+    for document in mongo_source.iter_documents(spec, (text_field,)):
+        count.bytes_read += 1
+        where = f"{spec.where}, document _id={document.get('_id')!r}"
+        try:
+            yield where, mongo_source.text_of(spec, document, text_field)
+        except DataError as e:
+            yield where, Bad(where, str(e))
+
+
+def _units(source: Source) -> list:
+    return [source.collection] if source.collection is not None else list(source.files)
+
+
+def _unit_size(source: Source, unit) -> int:
+    if source.collection is not None:
+        return source.planned
+    return _size(str(unit))
+
+
+def iter_source_documents(
+    source: Source,
+    unit,
+    *,
+    text_field: str,
+    min_chars: int,
+    on_error: str = "raise",
+    progress_out: list | None = None,
+    stats: SourceStats | None = None,
+) -> Iterator[str]:
+    """Documents of one unit of a source (a file, a tar shard, a collection), stripped, checked:
+    bad records and garbage raise DataError, or are skipped and counted (``on_error="skip"``);
+    shorter than ``min_chars`` are skipped (counted when not blank)."""
+    progress_out = progress_out if progress_out is not None else []
+    if source.collection is not None:
+        raw = _collection_texts(source, text_field, progress_out)
+    elif file_format(unit)[0] == "tar":
+        raw = _tar_texts(unit, text_field, progress_out)
+    else:
+        raw = _file_texts(Path(unit), text_field, progress_out)
+    while True:
+        mark = _REPLACED[0]
+        try:
+            where, text = next(raw)
+        except StopIteration:
+            if stats is not None:
+                stats.replaced_bytes += _REPLACED[0] - mark
+            return
+        if stats is not None:
+            stats.replaced_bytes += _REPLACED[0] - mark
+        if text is None:
+            continue
+        if isinstance(text, Bad):
+            if on_error != "skip":
+                raise DataError(text.message)
+            if stats is not None:
+                stats.skip(text.reason, where, text.message)
+            continue
+        text = text.strip()
+        if len(text) < min_chars:
+            if text and stats is not None:
+                stats.skipped_records["short"] = stats.skipped_records.get("short", 0) + 1
+            continue
+        reason = garbage(text)
+        if reason:
+            message = f"{where}: {reason}"
+            if on_error != "skip":
+                raise DataError(f"{message}; remove it or set data.on_error=skip")
+            if stats is not None:
+                stats.skip("garbage", where, message)
+            continue
+        yield text
+
+
+def iter_file_documents(path: Path, text_field: str, min_chars: int, progress_out: list | None = None) -> Iterator[str]:
+    """Documents of one input file, in order, stripped; shorter than min_chars are skipped."""
+    source = Source(str(path), [path])
+    yield from iter_source_documents(
+        source, path, text_field=text_field, min_chars=min_chars, progress_out=progress_out
+    )
+
+
+# --------------------------------------------------------------------------- the mix
 
 
 @dataclass
@@ -300,20 +720,25 @@ class _SourceReader:
         min_chars: int,
         validation_fraction: float,
         train_only_first_pass: bool,
+        on_error: str,
     ):
         self.index, self.source = index, source
         self.text_field, self.min_chars, self.fraction = text_field, min_chars, validation_fraction
-        self.first_pass_only = train_only_first_pass
+        self.first_pass_only, self.on_error = train_only_first_pass, on_error
         self._pass = 0
+        self.scratch = SourceStats(quiet=True)  # what the first-pass-only read (the tokenizer's) saw
         self._progress: list = []
         self._done_bytes = 0
         self._gen = self._batches()
 
     @property
     def progress(self) -> float:
-        current = sum(p.bytes_read for p in self._progress)
-        planned = max(1, self.source.num_bytes) * (1 if self.first_pass_only else self.source.num_passes)
-        return (self._done_bytes + current) / planned
+        return self.units_done / (self.source.planned * (1 if self.first_pass_only else self.source.num_passes))
+
+    @property
+    def units_done(self) -> int:
+        """Bytes (documents, for a collection) read so far over all passes."""
+        return self._done_bytes + sum(p.bytes_read for p in self._progress)
 
     def next_chunk(self) -> tuple[list[str], list[str]] | None:
         return next(self._gen, None)
@@ -326,9 +751,19 @@ class _SourceReader:
             full = p < math.floor(w)  # every training document gets this copy
             share = w - math.floor(w)  # else: this share of them, by hash
             texts, splits, chars = [], [], 0
-            for path in self.source.files:
+            # what reading saw is counted once: on the first pass of the full read
+            stats = self.scratch if self.first_pass_only else (self.source.stats if p == 0 else None)
+            for unit in _units(self.source):
                 self._progress = []
-                for text in iter_file_documents(path, self.text_field, self.min_chars, self._progress):
+                for text in iter_source_documents(
+                    self.source,
+                    unit,
+                    text_field=self.text_field,
+                    min_chars=self.min_chars,
+                    on_error=self.on_error,
+                    progress_out=self._progress,
+                    stats=stats,
+                ):
                     valid = is_validation(text, self.fraction)
                     if valid:
                         if p:  # held-out documents are written once
@@ -341,36 +776,87 @@ class _SourceReader:
                     if len(texts) >= CHUNK_DOCUMENTS or chars >= CHUNK_CHARS:
                         yield texts, splits
                         texts, splits, chars = [], [], 0
-                self._done_bytes += path.stat().st_size
+                self._done_bytes += _unit_size(self.source, unit)
                 self._progress = []
             if texts:
                 yield texts, splits
 
 
-def mixed_batches(
-    sources: list[Source], *, text_field: str, min_chars: int, validation_fraction: float, first_pass_only: bool = False
-) -> Iterator[Batch]:
-    """Batches of all sources, interleaved chunk by chunk so that each source advances at
-    the same pace through its planned bytes (deterministic: it depends only on the files)."""
-    readers = [
-        _SourceReader(i, s, text_field, min_chars, validation_fraction, first_pass_only) for i, s in enumerate(sources)
-    ]
-    heap = [(0.0, r.index) for r in readers]
-    heapq.heapify(heap)
-    batch = Batch([], [], [])
-    chars = 0
-    while heap:
-        _, i = heapq.heappop(heap)
-        chunk = readers[i].next_chunk()
-        if chunk is None:
-            continue
-        heapq.heappush(heap, (readers[i].progress, i))
-        batch.texts += chunk[0]
-        batch.splits += chunk[1]
-        batch.sources += [i] * len(chunk[0])
-        chars += sum(map(len, chunk[0]))
-        if len(batch.texts) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+class Mix:
+    """Batches of all sources, interleaved chunk by chunk so that each source advances at the
+    same pace through its planned bytes (deterministic: it depends only on the data). Iterate
+    it; ``units_done`` / ``units_planned`` say how far it is (for progress and ETA)."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        *,
+        text_field: str,
+        min_chars: int,
+        validation_fraction: float,
+        first_pass_only: bool = False,
+        on_error: str = "raise",
+    ):
+        self.readers = [
+            _SourceReader(i, s, text_field, min_chars, validation_fraction, first_pass_only, on_error)
+            for i, s in enumerate(sources)
+        ]
+        self.first_pass_only = first_pass_only
+
+    @property
+    def fraction_done(self) -> float:
+        """Share of the planned reading done, averaged over the sources by planned size."""
+        planned = [r.source.planned * (1 if self.first_pass_only else r.source.num_passes) for r in self.readers]
+        total = sum(planned) or 1
+        return sum(min(1.0, r.progress) * w for r, w in zip(self.readers, planned)) / total
+
+    def skipped(self) -> dict[str, int]:
+        """Records left out so far, by reason, over all sources (this read)."""
+        out: dict[str, int] = {}
+        for r in self.readers:
+            stats = r.scratch if self.first_pass_only else r.source.stats
+            for reason, n in stats.skipped_records.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    def __iter__(self) -> Iterator[Batch]:
+        readers = self.readers
+        heap = [(0.0, r.index) for r in readers]
+        heapq.heapify(heap)
+        batch = Batch([], [], [])
+        chars = 0
+        while heap:
+            _, i = heapq.heappop(heap)
+            chunk = readers[i].next_chunk()
+            if chunk is None:
+                continue
+            heapq.heappush(heap, (readers[i].progress, i))
+            batch.texts += chunk[0]
+            batch.splits += chunk[1]
+            batch.sources += [i] * len(chunk[0])
+            chars += sum(map(len, chunk[0]))
+            if len(batch.texts) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = Batch([], [], []), 0
+        if batch.texts:
             yield batch
-            batch, chars = Batch([], [], []), 0
-    if batch.texts:
-        yield batch
+
+
+def mixed_batches(
+    sources: list[Source],
+    *,
+    text_field: str,
+    min_chars: int,
+    validation_fraction: float,
+    first_pass_only: bool = False,
+    on_error: str = "raise",
+) -> Iterator[Batch]:
+    """The batches of :class:`Mix` (kept as a function for callers that only iterate)."""
+    yield from Mix(
+        sources,
+        text_field=text_field,
+        min_chars=min_chars,
+        validation_fraction=validation_fraction,
+        first_pass_only=first_pass_only,
+        on_error=on_error,
+    )
