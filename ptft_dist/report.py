@@ -8,11 +8,15 @@ each plot (one colour per run) so they can be compared; a pipeline directory sta
 Plots, each made when some run logged its metrics: loss (training solid, validation dashed),
 learning rate, tokens/s, examples/s, MFU, memory, validation accuracy and perplexity, gradient
 norm, every other logged number in one grid; for finetuning, the test metrics, per-class F1
-and one confusion matrix per run.
+and one confusion matrix per run. Steps are integer ticks; each figure has one unit; a metric
+that stays constant in every run is listed in the page instead of plotted; steps logged as
+skipped (``"skipped": true``, loss null) are marked on the loss plot, never drawn as 0. With
+several runs of a kind, a table shows the config fields that differ between them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import html
 import json
@@ -58,6 +62,15 @@ class Run:
         if "tokens_per_s" in keys or "eval_mlm_loss" in keys:
             return "pretrain"
         return "run"
+
+    def skipped_steps(self) -> list[int]:
+        """Steps logged with ``"skipped": true`` (their update was dropped: loss not finite)."""
+        return sorted({row["step"] for row in self.rows if row.get("skipped") is True})
+
+    def constant(self, key: str) -> bool:
+        """Logged at least twice, always with the same value."""
+        values = self.series(key)[1]
+        return len(values) >= 2 and max(values) == min(values)
 
     def keys(self) -> set[str]:
         return {k for row in self.rows for k, v in row.items() if _is_number(v)} - {"step", "time"}
@@ -236,13 +249,13 @@ MEMORY = re.compile(r"(^|_)(mem|memory)(_|$)")
 
 
 def _memory_panel(keys: set[str]) -> Panel | None:
-    """Memory metrics, in MiB: names ending in _mb/_mib are MiB, _gb/_gib GiB, _bytes bytes."""
+    """Memory metrics, all drawn in MiB (2^20 bytes): names ending in _mb/_mib are MiB (the
+    engine's ``peak_memory_mb`` divides bytes by 2^20), _gb/_gib GiB, _bytes bytes."""
     mem = sorted(k for k in keys if MEMORY.search(k))
     if not mem:
         return None
-    return Panel(
-        "memory", "Memory" + (f": {mem[0]}" if len(mem) == 1 else ""), "memory (MiB)", tuple((k, "") for k in mem)
-    )
+    title = "Peak memory per rank" if mem == ["peak_memory_mb"] else "Memory"
+    return Panel("memory", title, "MiB (2^20 bytes)", tuple((k, "") for k in mem))
 
 
 def _memory_scale(key: str) -> float:
@@ -285,8 +298,23 @@ def _plot_panel(panel: Panel, runs: list[Run], colors: list, out: Path) -> Path 
             )
             ax.plot(steps, [v * scale for v in values], color=color, label=label, linewidth=1.6, **style)
             lines += 1
+        if panel.name == "loss" and run.skipped_steps():
+            skipped = run.skipped_steps()
+            for i, s in enumerate(skipped[:200]):
+                ax.axvline(
+                    s,
+                    color=color,
+                    linestyle=":",
+                    linewidth=1.0,
+                    alpha=0.7,
+                    label=f"skipped steps ({len(skipped)})" + (f", {run.label}" if len(runs) > 1 else "")
+                    if i == 0
+                    else None,
+                )
+            lines += 1
     if not lines:
         return None
+    _integer_steps(ax)
     ax.set_title(panel.title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(panel.ylabel)
@@ -302,12 +330,18 @@ def _plot_panel(panel: Panel, runs: list[Run], colors: list, out: Path) -> Path 
     return path
 
 
+def _integer_steps(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _plot_others(keys: list[str], runs: list[Run], colors: list, out: Path) -> Path | None:
     if not keys:
         return None
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig = _figure(4.0 * cols, 3.0 * rows)
+    fig = _figure(max(6.0, 4.0 * cols), max(3.6, 3.0 * rows))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         for run, color in zip(runs, colors):
@@ -324,6 +358,7 @@ def _plot_others(keys: list[str], runs: list[Run], colors: list, out: Path) -> P
                 )
         ax.set_title(key, fontsize="medium")
         ax.set_xlabel("optimizer step")
+        _integer_steps(ax)
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
     for ax in axes[len(keys) :]:
@@ -418,16 +453,61 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
+def constant_metrics(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Metric -> {run: value} of the metrics every run that logs them logged constant."""
+    keys = set().union(*(r.keys() for r in runs))
+    found = {}
+    for key in sorted(keys):
+        having = [r for r in runs if r.series(key)[0]]
+        if key.startswith(FINAL_PREFIX) or not having or not all(r.constant(key) for r in having):
+            continue
+        found[key] = {r.label: r.series(key)[1][0] for r in having}
+    return found
+
+
+def config_differences(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Dotted config field -> {run: value} of the fields whose values differ between runs
+    (each run's config.yaml; run_dir and tracking names left out)."""
+    flat = {}
+    for r in runs:
+        if r.config_text is None:
+            continue
+        flat[r.label] = _flatten(yaml.safe_load(r.config_text) or {})
+    if len(flat) < 2:
+        return {}
+    names = sorted(set().union(*flat.values()))
+    ignore = re.compile(r"(^|\.)(run_dir|tracking\.(name|run_id|group))$")
+    return {
+        n: {label: f.get(n, "(absent)") for label, f in flat.items()}
+        for n in names
+        if not ignore.search(n) and len({json.dumps(f.get(n, "(absent)"), default=str) for f in flat.values()}) > 1
+    }
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: data}
+
+
 def make_plots(runs: list[Run], out: Path) -> list[Path]:
     """Every plot the runs have data for, as PNG files in ``out``."""
     colors = _colors(len(runs))
-    keys = set().union(*(r.keys() for r in runs))
-    panels = list(PANELS)
+    keys = set().union(*(r.keys() for r in runs)) - set(constant_metrics(runs))
+    panels = [dataclasses.replace(p, keys=tuple((k, role) for k, role in p.keys if k in keys)) for p in PANELS]
     memory = _memory_panel(keys)
     if memory:
         panels.insert(5, memory)
     made = [p for p in (_plot_panel(panel, runs, colors, out) for panel in panels) if p]
-    covered = {k for panel in panels for k, _ in panel.keys}
+    covered = {k for panel in PANELS for k, _ in panel.keys} | {k for k, _ in (memory.keys if memory else ())}
     others = sorted(k for k in keys - covered if not k.startswith(FINAL_PREFIX))
     made += [p for p in [_plot_others(others, runs, colors, out)] if p]
     finals = [(r, c, f) for r, c in zip(runs, colors) if (f := _final_metrics(r))]
@@ -529,9 +609,39 @@ def render_html(runs: list[Run], plots: list[Path]) -> str:
     else:
         out.append("<p class='note'>No run has a summary.json yet.</p>")
 
+    constants = constant_metrics(runs)
+    if constants:
+        out.append("<h2>Constant metrics</h2><p class='note'>The same value at every logged step: not plotted.</p>")
+        out.append("<table><tr><th>metric</th>" + "".join(f"<th>{e(r.label)}</th>" for r in runs) + "</tr>")
+        for name, values in constants.items():
+            cells = "".join(f"<td class='num'>{e(_fmt(values.get(r.label, '')))}</td>" for r in runs)
+            out.append(f"<tr><td>{e(name)}</td>{cells}</tr>")
+        out.append("</table>")
+    skipped = [(r, r.skipped_steps()) for r in runs if r.skipped_steps()]
+    for r, steps in skipped:
+        shown = ", ".join(map(str, steps[:20])) + (" ..." if len(steps) > 20 else "")
+        out.append(f"<p>{e(r.label)}: {len(steps)} skipped step(s) (loss not finite, update dropped): {e(shown)}</p>")
+
     out.append("<h2>Plots</h2>")
     for p in plots:
         out.append(f"<p><img src='{e(p.name)}' alt='{e(p.stem.replace('_', ' '))}'></p>")
+
+    by_kind: dict[str, list[Run]] = {}
+    for r in runs:
+        by_kind.setdefault(r.kind, []).append(r)
+    for kind, group in by_kind.items():
+        if len(group) < 2:
+            continue
+        diffs = config_differences(group)
+        out.append(f"<h2>What differs between the {e(kind)} runs' configs</h2>")
+        if not diffs:
+            out.append("<p class='note'>Nothing: the configs are the same (run directories aside).</p>")
+            continue
+        out.append("<table><tr><th>field</th>" + "".join(f"<th>{e(r.label)}</th>" for r in group) + "</tr>")
+        for name, values in diffs.items():
+            cells = "".join(f"<td class='num'>{e(_fmt(values.get(r.label, '')))}</td>" for r in group)
+            out.append(f"<tr><td><code>{e(name)}</code></td>{cells}</tr>")
+        out.append("</table>")
 
     out.append("<h2>Resolved configs</h2>")
     for r in runs:

@@ -34,7 +34,7 @@ def _pretrain_run(path, lr, steps=40, resumed_at=None, mfu=True):
             "tokens_seen": step * 2048,
         }
         if mfu:
-            row |= {"mfu": 0.31, "peak_memory_mb": 900.0 + step}
+            row |= {"mfu": 0.31 + step / 1000, "peak_memory_mb": 900.0 + step}
         t.log(row, step)
         if step % 20 == 0:
             t.log(
@@ -60,7 +60,8 @@ def _finetune_run(path):
     t = Tracker(path, cfg.tracking, World())
     for step in range(10, 51, 10):
         t.log(
-            {"train_loss": 1.8 / (step / 10), "lr": 2e-3 * (1 - step / 50), "examples_per_s": 120.0, "epoch": 0}, step
+            {"train_loss": 1.8 / (step / 10), "lr": 2e-3 * (1 - step / 50), "examples_per_s": 120.0 + step, "epoch": 0},
+            step,
         )
     t.log({"test_accuracy": 0.8, "test_macro_f1": 0.7, "test_majority_class_accuracy": 0.3}, 50)
     t.close()
@@ -184,3 +185,57 @@ def test_cli_report(tmp_path, capsys):
     assert f"report: {tmp_path / 'rep' / 'index.html'}" in out and "plot: " in out
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "ptft report: error: run directory" in capsys.readouterr().err
+
+
+def test_steps_are_integer_ticks_and_memory_has_one_unit(tmp_path):
+    from matplotlib.figure import Figure
+
+    from ptft_dist.report import _integer_steps, _memory_panel
+
+    ax = Figure().add_subplot()
+    ax.plot([1, 2, 3], [1.0, 2.0, 3.0])
+    _integer_steps(ax)
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    panel = _memory_panel({"peak_memory_mb", "train_loss"})
+    assert panel.title == "Peak memory per rank" and panel.ylabel == "MiB (2^20 bytes)" and "MB" not in panel.title
+
+
+def test_constant_series_are_listed_not_plotted_and_configs_show_what_differs(tmp_path):
+    a = _pretrain_run(tmp_path / "a", 1e-3)
+    b = _pretrain_run(tmp_path / "b", 3e-3)
+    made = make_report([a, b], tmp_path / "out")
+    from ptft_dist.report import constant_metrics, find_runs
+
+    runs = find_runs([a, b])
+    assert constant_metrics(runs) == {"step_time_s": {"a": 0.5, "b": 0.5}}  # 0.5 at every step in both runs
+    page = made["html"].read_text()
+    assert "<h2>Constant metrics</h2>" in page and "<td>step_time_s</td>" in page
+    # the grid of other metrics has tokens_seen only: drawn with one panel
+    assert "other_metrics.png" in {p.name for p in made["plots"]}
+    assert "What differs between the pretrain runs" in page
+    differs = page.split("What differs", 1)[1].split("</table>", 1)[0]
+    assert "<code>optim.lr</code>" in differs and "run_dir" not in differs and "optim.max_steps" not in differs
+
+
+def test_skipped_steps_are_marked_never_drawn_as_zero(tmp_path):
+    run_dir = _pretrain_run(tmp_path / "r", 1e-3)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["step"] in (10, 15) and "train_loss" in row:
+            row.update(train_loss=None, skipped=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = read_run(run_dir)
+    steps, values = run.series("train_loss")
+    assert 10 not in steps and 15 not in steps and min(values) > 1.0
+    assert run.skipped_steps() == [10, 15]
+    made = make_report([run_dir], tmp_path / "out")
+    assert "2 skipped step(s) (loss not finite, update dropped): 10, 15" in made["html"].read_text()
+    # every step skipped: the loss plot shows the marks only, no line at 0
+    for row in rows:
+        if "train_loss" in row:
+            row.update(train_loss=None, skipped=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_run(run_dir).series("train_loss") == ([], [])
+    made = make_report([run_dir], tmp_path / "out2")
+    assert (tmp_path / "out2" / "loss.png").is_file()
