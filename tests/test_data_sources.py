@@ -1,0 +1,331 @@
+"""Data from where users keep it: MongoDB collections (served in the test by nx-27017, a
+MongoDB wire-protocol server, through the standard pymongo client) and existing WebDataset
+tar corpora, each giving the same samples as the same documents in a plain file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ptft_dist.config import DataBuildConfig, MongoSourceConfig, TokenizerConfig
+from ptft_dist.data import mongo
+from ptft_dist.data.build import DataError, build
+from ptft_dist.data.labeled import read_examples, resolve_task
+
+pymongo = pytest.importorskip("pymongo")
+
+WORDS = "the city river north old house music war game film song team first second school station park".split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory):
+    """A MongoDB wire-protocol server (nx-27017, in memory) on a free loopback port: its base URI."""
+    exe = shutil.which("nx-27017") or str(Path(sys.executable).with_name("nx-27017"))
+    if not Path(exe).exists():
+        pytest.skip("the nx-27017 test server is not installed (pip install nx-27017)")
+    tmp = tmp_path_factory.mktemp("mongo")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--db", "memory", "--host", "127.0.0.1", "-p", str(port)]
+        + ["--log-file", str(tmp / "server.log"), "--pid-file", str(tmp / "server.pid")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"mongodb://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            pymongo.MongoClient(uri, serverSelectionTimeoutMS=500).admin.command("ping")
+            break
+        except pymongo.errors.PyMongoError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the nx-27017 server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _documents(n: int, seed: int = 0) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(WORDS[j] for j in rng.integers(0, len(WORDS), rng.integers(5, 40))) for _ in range(n)]
+
+
+def _insert(uri: str, name: str, documents: list[dict]) -> str:
+    db, coll = name.split(".")
+    c = pymongo.MongoClient(uri)
+    c[db][coll].drop()
+    c[db][coll].insert_many(documents)
+    c.close()
+    return f"{uri}/{name}"
+
+
+def _cfg(inputs, tokenizer, **kw):
+    return DataBuildConfig(
+        inputs=[str(i) for i in inputs],
+        seq_len=32,
+        samples_per_shard=40,
+        validation_fraction=0.1,
+        tokenizer=TokenizerConfig(path=str(tokenizer)),
+        **kw,
+    )
+
+
+def _shards(m: dict) -> list[str]:
+    return [sh["sha256"] for split in ("train", "valid") for sh in m["splits"][split]["shards"]]
+
+
+# --------------------------------------------------------------------------- MongoDB
+
+
+def test_a_collection_builds_sample_for_sample_like_its_jsonl_export(mongo_server, tiny_dataset, tmp_path):
+    texts = _documents(900)
+    langs = ["en" if i % 3 else "fr" for i in range(len(texts))]
+    from bson import ObjectId
+
+    ids = [ObjectId() for _ in texts]  # increasing, like the ids a client assigns on insert
+    order = list(range(len(texts)))
+    order = order[1::2] + order[::2]  # inserted out of _id order: the read sorts by _id
+    loc = _insert(mongo_server, "corpus.docs", [{"_id": ids[i], "body": texts[i], "lang": langs[i]} for i in order])
+    export = tmp_path / "export.jsonl"
+    export.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    tok = tiny_dataset / "tokenizer"
+    ref = build(_cfg([export], tok, text_field="body"), tmp_path / "jsonl", progress=False)
+    got = build(_cfg([loc], tok, text_field="body"), tmp_path / "mongo", progress=False)
+    assert len(_shards(ref)) > 3 and _shards(got) == _shards(ref)
+    entry = got["sources"][0]
+    assert entry["num_documents"] == ref["sources"][0]["num_documents"]
+    info = entry["mongodb"]
+    assert (info["uri"], info["count"], info["filter"]) == (loc, 900, {})
+    assert (info["id_min"], info["id_max"]) == ({"$oid": str(ids[0])}, {"$oid": str(ids[-1])})
+
+    en = tmp_path / "en.jsonl"
+    en.write_text("".join(json.dumps({"body": t}) + "\n" for t, lang in zip(texts, langs) if lang == "en"))
+    ref_en = build(_cfg([en], tok, text_field="body"), tmp_path / "jsonl_en", progress=False)
+    got_en = build(
+        _cfg([loc], tok, text_field="body", mongo=MongoSourceConfig(filter={"lang": "en"}, batch_size=50)),
+        tmp_path / "mongo_en",
+        progress=False,
+    )
+    assert _shards(got_en) == _shards(ref_en)
+    assert got_en["sources"][0]["mongodb"]["filter"] == {"lang": "en"}
+    assert got_en["sources"][0]["mongodb"]["count"] == 600
+
+
+def test_id_ranges_split_a_collection_into_disjoint_reads(mongo_server):
+    loc = _insert(mongo_server, "corpus.split", [{"_id": i, "text": f"document {i}"} for i in range(1000)])
+    spec = mongo.parse(loc)
+    parts = mongo.split_ranges(spec, 3)
+    assert len(parts) == 3
+    seen = [[d["_id"] for d in mongo.iter_documents(p)] for p in parts]
+    assert sorted(sum(seen, [])) == list(range(1000)), "every document once"
+    assert all(300 <= len(s) <= 400 for s in seen), [len(s) for s in seen]
+
+
+def test_mongo_errors_name_the_uri_collection_and_id_never_the_password(mongo_server, tiny_dataset, tmp_path, caplog):
+    tok = tiny_dataset / "tokenizer"
+    host = mongo_server.removeprefix("mongodb://")
+
+    def fails(location, match, **kw):
+        with caplog.at_level(logging.DEBUG), pytest.raises(DataError, match=match) as e:
+            build(_cfg([location], tok, **kw), tmp_path / f"o{len(list(tmp_path.iterdir()))}", progress=False)
+        assert "hunter2" not in str(e.value) and "hunter2" not in caplog.text
+        return str(e.value)
+
+    dead = f"mongodb://reader:hunter2@127.0.0.1:{_free_port()}/corpus.docs"
+    message = fails(
+        dead,
+        r"mongodb://reader:\*\*\*@127\.0\.0\.1:\d+/corpus\.docs \(collection corpus\.docs\): cannot "
+        r"connect",
+        mongo=MongoSourceConfig(timeout_ms=500),
+    )
+    assert "ServerSelectionTimeoutError" in message
+    fails(f"mongodb://{host}/corpus.nope", r"database 'corpus' has no collection 'nope' \(it has: .*docs")
+    _insert(mongo_server, "corpus.bad", [{"_id": 1, "text": "fine words here"}, {"_id": 2, "body": "no text"}])
+    fails(
+        f"mongodb://{host}/corpus.bad",
+        r"collection corpus\.bad\): document _id=2 has no field 'text'; set data.text_field",
+    )
+    _insert(mongo_server, "corpus.typed", [{"_id": "a", "text": "fine words"}, {"_id": "b", "text": 42}])
+    fails(f"mongodb://{host}/corpus.typed", r"document _id='b': field 'text' is int, not text")
+    # the test server has no authentication: a login with credentials is refused, named, password hidden
+    fails(f"mongodb://reader:hunter2@{host}/corpus.docs", r"mongodb://reader:\*\*\*@.*login failed")
+    fails(f"mongodb://{host}/nodot", r"name the collection as mongodb://host:port/<database>\.<collection>")
+
+
+def test_skipped_documents_are_counted_and_credentials_stay_out_of_the_manifest(mongo_server, tiny_dataset, tmp_path):
+    docs = [{"_id": i, "text": t} for i, t in enumerate(_documents(300))]
+    docs[5] = {"_id": 5, "text": 17}
+    docs[6] = {"_id": 6, "title": "no text"}
+    docs[7] = {"_id": 7, "text": "\x00\x01 binary \x02\x03"}
+    loc = _insert(mongo_server, "corpus.skips", docs)
+    m = build(_cfg([loc], tiny_dataset / "tokenizer", on_error="skip"), tmp_path / "o", progress=False)
+    assert m["sources"][0]["skipped_records"] == {"malformed": 2, "garbage": 1}
+    assert sum(m["sources"][0]["num_documents"].values()) == 297
+
+
+def test_a_password_in_an_input_uri_is_redacted_where_the_config_is_written():
+    from ptft_dist import config as C
+
+    cfg = C.load("data", None, ["data.inputs=[mongodb://reader:hunter2@db.example:27017/corpus.docs]"])
+    text = C.dump_yaml(cfg)
+    assert "hunter2" not in text and "mongodb://reader:***@db.example:27017/corpus.docs" in text
+    assert mongo.public_uri("mongodb+srv://u:p%40ss@h/db.c?tls=true") == "mongodb+srv://u:***@h/db.c?tls=true"
+
+
+def test_labeled_tasks_from_collections(mongo_server, tmp_path):
+    train = _insert(
+        mongo_server,
+        "tasks.train",
+        [{"_id": i, "sentence": f"words number {i}", "label": i % 2} for i in range(40)],
+    )
+    test = _insert(mongo_server, "tasks.test", [{"_id": i, "sentence": f"test {i}", "label": 1} for i in range(8)])
+    texts, labels = read_examples(train, "sentence", "label")
+    assert texts[:2] == ["words number 0", "words number 1"] and labels[:3] == ["0", "1", "0"]
+    from ptft_dist.config import TaskConfig
+
+    task = resolve_task(TaskConfig(train_file=train, test_file=test, text_column="sentence"), tmp_path)
+    assert task.train_file == train and task.test_file == test
+    bad = _insert(mongo_server, "tasks.bad", [{"_id": 1, "sentence": 3, "label": 0}])
+    with pytest.raises(DataError, match=r"collection tasks\.bad\), document _id=1: field 'sentence' is int"):
+        read_examples(bad, "sentence", "label")
+    with pytest.raises(DataError, match=r"document _id=0: no field 'text' \(fields: 'sentence', 'label'\)"):
+        read_examples(train, "text", "label")
+
+
+def _tiny_base_model(tmp_path, tokenizer_dir) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    out = tmp_path / "base"
+    BertForMaskedLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.dist
+def test_finetune_from_collections_and_predictions_written_back(mongo_server, tiny_dataset, tmp_path, ray_session):
+    from ptft_dist import config as C
+    from ptft_dist import jobs
+
+    rows = [(f"the river and the {w} near the city", "water") for w in WORDS] + [
+        (f"a song of the {w} and the film", "music") for w in WORDS
+    ]
+    train = _insert(
+        mongo_server, "ft.train", [{"_id": 1000 + i, "text": t, "topic": y} for i, (t, y) in enumerate(rows * 3)]
+    )
+    test = _insert(mongo_server, "ft.test", [{"_id": 5000 + i, "text": t, "topic": y} for i, (t, y) in enumerate(rows)])
+    base = _tiny_base_model(tmp_path, tiny_dataset / "tokenizer")
+    cfg = C.load(
+        "finetune",
+        "finetune_tiny",
+        [
+            f"base_model={base}",
+            f"task.train_file={train}",
+            f"task.test_file={test}",
+            "task.label_column=topic",
+            "task.max_length=16",
+            "peft.method=full",
+            "optim.max_steps=4",
+            "optim.warmup_steps=0",
+            f"run_dir={tmp_path / 'ft'}",
+        ],
+    )
+    summary = jobs.finetune(cfg)
+    assert summary["metrics"]["num_test_examples"] == len(rows), "the test set is the ft.test collection"
+    model_dir = summary["artifacts"].get("adapter") or summary["artifacts"]["model"]
+    out = f"{mongo_server}/ft.predictions"
+    made = jobs.predict(model_dir, test, out, max_length=16)
+    assert made["metrics"]["num_examples"] == len(rows)
+    back = list(pymongo.MongoClient(mongo_server).ft.predictions.find().sort("_id", 1))
+    assert [d["_id"] for d in back] == [5000 + i for i in range(len(rows))], "one document per input, with its _id"
+    assert {d["prediction"] for d in back} <= {"water", "music"} and all(0 < d["probability"] <= 1 for d in back)
+    assert [d["text"] for d in back] == [t for t, _ in rows]
+    with pytest.raises(DataError, match="already holds documents"):
+        jobs.predict(model_dir, test, out, max_length=16)
+
+
+# --------------------------------------------------------------------------- WebDataset corpora
+
+
+def _write_wds(pattern: str, texts: list[str], per_shard: int, kind: str) -> None:
+    import webdataset as wds
+
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for i, t in enumerate(texts):
+            sample = {"__key__": f"doc{i:06d}"}
+            if kind == "txt":
+                sample["txt"] = t
+            else:
+                sample["json"] = {"text": t, "id": i}
+            sample["cls"] = i % 3  # a non-text member next to the text
+            sink.write(sample)
+
+
+@pytest.mark.parametrize("kind", ["txt", "json"])
+def test_a_webdataset_corpus_builds_like_the_same_documents_as_text(tmp_path, tiny_dataset, kind):
+    texts = _documents(700, seed=3)
+    (tmp_path / "wds").mkdir()
+    _write_wds(str(tmp_path / "wds" / "corpus-%06d.tar"), texts, 250, kind)
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == [f"corpus-{i:06d}.tar" for i in range(3)]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(texts) + "\n")
+    tok = tiny_dataset / "tokenizer"
+    ref = build(_cfg([plain], tok), tmp_path / "ref", progress=False)
+    got = build(_cfg([tmp_path / "wds" / "corpus-{000000..000002}.tar"], tok), tmp_path / "got", progress=False)
+    assert len(_shards(ref)) > 3 and _shards(got) == _shards(ref)
+    assert len(got["sources"][0]["files"]) == 3
+
+
+def test_a_webdataset_corpus_over_http_and_its_errors(tmp_path, tiny_dataset):
+    import functools
+    import http.server
+    import threading
+
+    texts = _documents(300, seed=4)
+    _write_wds(str(tmp_path / "c-%03d.tar"), texts, 100, "txt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tok = tiny_dataset / "tokenizer"
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/c-{{000..002}}.tar"
+        got = build(_cfg([url], tok), tmp_path / "http", progress=False)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("\n".join(texts) + "\n")
+        assert _shards(got) == _shards(build(_cfg([plain], tok), tmp_path / "ref", progress=False))
+        with pytest.raises(DataError, match=r"c-003\.tar does not exist"):
+            build(_cfg([url.replace("002", "009")], tok), tmp_path / "missing", progress=False)
+    finally:
+        server.shutdown()
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 100)
+    with pytest.raises(DataError, match=r"junk\.tar: not a readable tar shard"):
+        build(_cfg([tmp_path / "junk.tar"], tok), tmp_path / "junk", progress=False)
