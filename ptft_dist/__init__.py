@@ -66,28 +66,39 @@ def check(command: str, cfg: Any = None, overrides: list[str] | tuple[str, ...] 
 def build_data(cfg: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """``ptft data build``: returns the summary (document, sample and token counts; paths)."""
     from . import jobs
+    from .runs import record_driver
 
     run = check("data", cfg, overrides).cfg
-    return jobs.build_data(run.data, run.run_dir)
+    with record_driver(run.run_dir, "data build"):
+        return jobs.build_data(run.data, run.run_dir)
 
 
 def pretrain(cfg: Any = None, overrides: list[str] | tuple[str, ...] = (), *, address: str | None = None) -> dict:
     """``ptft pretrain`` on Ray Train (a local cluster in this process unless ``address``);
     returns summary.json's content. Raises ``jobs.Preempted`` when stopped by SIGTERM."""
     from . import jobs
+    from .runs import record_driver
 
-    return jobs.pretrain(check("pretrain", cfg, overrides).cfg, address=address)
+    run = check("pretrain", cfg, overrides).cfg
+    with record_driver(run.run_dir, "pretrain"):
+        return jobs.pretrain(run, address=address)
 
 
 def finetune(cfg: Any = None, overrides: list[str] | tuple[str, ...] = (), *, address: str | None = None) -> dict:
     """``ptft finetune`` on Ray Train; returns summary.json's content (test accuracy, macro-F1...)."""
     from . import jobs
+    from .runs import record_driver
 
-    return jobs.finetune(check("finetune", cfg, overrides).cfg, address=address)
+    run = check("finetune", cfg, overrides).cfg
+    with record_driver(run.run_dir, "finetune"):
+        return jobs.finetune(run, address=address)
 
 
 def pipeline(cfg: Any = None, overrides: list[str] | tuple[str, ...] = (), *, address: str | None = None) -> dict:
     """``ptft pipeline``: data build, pretraining and the finetune jobs in one Ray session."""
     from . import jobs
+    from .runs import record_driver
 
-    return jobs.pipeline(check("pipeline", cfg, overrides).cfg, address=address)
+    run = check("pipeline", cfg, overrides).cfg
+    with record_driver(run.run_dir, "pipeline"):
+        return jobs.pipeline(run, address=address)

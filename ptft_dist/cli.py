@@ -9,6 +9,7 @@
     ptft report     RUN_DIR [RUN_DIR ...] [--out DIR]
     ptft runs       DIR
     ptft presets
+    ptft plan       [--config ...] --gpus 8xH100 | --gpus H100 --nodes 4 | --cpus 2 [--tokens 100e9] [overrides ...]
     ptft config     show PRESET [overrides ...] | cp PRESET FILE [overrides ...]
     ptft completion bash|zsh|tcsh
     ptft --version
@@ -141,6 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     runs.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder to search (default: runs)")
     sub.add_parser("presets", help="the shipped config presets: command, purpose, launch line")
+    from . import plan as planner
+
+    planner.add_arguments(
+        sub.add_parser(
+            "plan",
+            help="memory per rank, largest micro batch, communication, step time, run time and cost, per ZeRO stage",
+            description="Plan a pretrain or finetune config on a target before paying for it (docs/scaling.md). "
+            "Exit code 0: the configured setup fits; 1: it does not (what would fit is listed); 2: a bad option.",
+        )
+    )
     cfg = sub.add_parser(
         "config",
         help="start a config from a preset: show it, or copy it to a file you edit",
@@ -190,6 +201,10 @@ def _dry_run(command: str, cfg, notes: list[str]) -> None:
     print("# resolved config")
     print(C.dump_yaml(cfg), end="")
     print("\n".join(extras(command, cfg, notes)))
+    if command in ("pretrain", "finetune"):
+        from .plan import dry_run_lines
+
+        print("\n".join(dry_run_lines(cfg, command)))
 
 
 def config_yaml(preset: str, overrides: list[str] = (), file: str | None = None) -> tuple[str, object]:
@@ -230,6 +245,18 @@ def _config(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from . import plan as planner
+
+    try:
+        made, text = planner.from_args(args)
+    except C.ConfigError as e:
+        print(f"ptft plan: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if made.configured.max_micro_batch >= made.micro_batch else 1
+
+
 def _presets() -> int:
     for name in C.list_presets():
         info = C.preset_info(name)
@@ -253,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args.run_dirs, args.out)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "runs":
         return _runs(args.dir)
     command = args.command
@@ -306,16 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         for note in checked.notes:
             logging.getLogger("ptft_dist.preflight").info("%s", note)
         from . import jobs
+        from .runs import record_driver
 
         run = checked.cfg
-        if command == "data":
-            summary = jobs.build_data(run.data, run.run_dir)
-        elif command == "pretrain":
-            summary = jobs.pretrain(run, address=args.address)
-        elif command == "finetune":
-            summary = jobs.finetune(run, address=args.address)
-        else:
-            summary = jobs.pipeline(run, address=args.address)
+        with record_driver(run.run_dir, NAMES.get(command, command)):
+            if command == "data":
+                summary = jobs.build_data(run.data, run.run_dir)
+            elif command == "pretrain":
+                summary = jobs.pretrain(run, address=args.address)
+            elif command == "finetune":
+                summary = jobs.finetune(run, address=args.address)
+            else:
+                summary = jobs.pipeline(run, address=args.address)
     except (C.ConfigError, DataError, OSError) as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2
@@ -340,7 +371,7 @@ def _runs(folder: str) -> int:
     except (RunsError, OSError) as e:
         print(f"ptft runs: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows) if rows else f"no run directories under {folder}")
+    print(format_table(rows, folder) if rows else f"no run directories under {folder}")
     return 0
 
 

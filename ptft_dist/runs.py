@@ -1,16 +1,22 @@
 """``ptft runs DIR``: the run directories under a folder, with their state, in one table.
 
-Owns reading a run directory's state from what it holds, and nothing else: ``config.yaml``
-(the command, the planned steps), ``metrics.jsonl`` (steps done, last evaluation, times),
-``summary.json`` (the run ended: finished, or stopped with ``completed: false``) and the
-workers' heartbeats ``progress/rank<r>.json`` (a live pid, or a recent beat, means running).
-A run without a summary that is not running failed (or was killed).
+Owns reading a run directory's state from what it holds, and ``driver.json``, which the CLI
+and the Python API write around a run (:func:`record_driver`: the driver's host, pid, command
+and start; at the end its exit code and error line). The state, in order:
+
+- ``summary.json`` present: finished, or stopped (``completed: false``: a checkpoint to resume);
+- ``driver.json`` ended: exit 75 stopped, another non-zero code failed (with its error);
+- ``driver.json`` still open: running while its pid lives on this host, else failed (killed);
+- otherwise the workers' heartbeats ``progress/rank<r>.json``: a live pid or a beat of the
+  last minute means running, a fresh config.yaml without heartbeats starting, else failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +25,8 @@ from typing import Any
 import yaml
 
 #: A heartbeat younger than this counts as running even when its pid is not on this host.
-RECENT_BEAT_S = 300.0
+RECENT_BEAT_S = 60.0
+DRIVER_FILE = "driver.json"
 #: Metrics shown as "last eval", in this order, when a run has them.
 EVAL_KEYS = ("test_accuracy", "test_macro_f1", "eval_mlm_loss", "eval_mlm_accuracy", "val_accuracy", "eval_accuracy")
 MAX_DEPTH = 4
@@ -39,6 +46,48 @@ class RunRow:
     eval: dict[str, float]
     started: float | None
     duration_s: float | None
+    error: str | None = None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def record_driver(run_dir: str | Path, command: str):
+    """Around a run: ``<run_dir>/driver.json`` says the driver's host, pid, command and start,
+    and at the end its exit code (0, 75 for a stop with a checkpoint, 1 or 2 for errors,
+    130 interrupted) and error line. A record that cannot be written is skipped."""
+    from .jobs import Preempted
+
+    path = Path(run_dir) / DRIVER_FILE
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "started": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, record)
+    except OSError:
+        yield
+        return
+    code, error = 0, None
+    try:
+        yield
+    except Preempted as e:
+        code, error = e.exit_code, str(e)
+        raise
+    except KeyboardInterrupt:
+        code, error = 130, "interrupted"
+        raise
+    except (ValueError, OSError) as e:  # ConfigError, DataError
+        code, error = 2, str(e)
+        raise
+    except BaseException as e:
+        code, error = 1, str(e) or type(e).__name__
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            _write_json(path, record | {"ended": time.time(), "exit_code": code, "error": error})
 
 
 def _read_json(path: Path) -> Any:
@@ -119,13 +168,31 @@ def read_state(run: Path, now: float | None = None) -> RunRow:
     rows = _rows(run / "metrics.jsonl")
     command = _command(config, summary)
     children = [c for c in (run / "pretrain", *sorted(run.glob("finetune/*"))) if c.is_dir()]
-    if summary is not None:
+    driver = _read_json(run / DRIVER_FILE) if (run / DRIVER_FILE).is_file() else None
+    driver = driver if isinstance(driver, dict) else None
+    if command == "?" and driver and isinstance(driver.get("command"), str):
+        command = driver["command"]
+    error = None
+    if summary is not None and not (driver and driver.get("exit_code") not in (None, 0, 75)):
         state = "stopped" if metrics.get("completed") is False else "finished"
         failed = [j["job"] for j in metrics.get("jobs") or [] if isinstance(j, dict) and j.get("status") == "failed"]
         if failed:
             state = f"finished, {len(failed)} job(s) failed"
+    elif driver is not None and "exit_code" in driver:
+        code = driver["exit_code"]
+        state = "finished" if code == 0 else "stopped" if code == 75 else "failed"
+        error = driver.get("error")
+    elif driver is not None and driver.get("host") == socket.gethostname():
+        state = "running" if _alive(driver.get("pid")) else "failed"
+        error = None if state == "running" else "the driver is gone without saying how it ended (killed?)"
     elif _running(run, now) or (command == "pipeline" and any(_running(c, now) for c in children)):
         state = "running"
+    elif (
+        not any(run.glob("progress/rank*.json"))
+        and (run / "config.yaml").is_file()
+        and now - (run / "config.yaml").stat().st_mtime < RECENT_BEAT_S
+    ):
+        state = "starting"  # written by the driver, no worker heartbeat yet
     else:
         state = "failed"
     steps = metrics.get("steps") if isinstance(metrics.get("steps"), int) else None
@@ -142,12 +209,14 @@ def read_state(run: Path, now: float | None = None) -> RunRow:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             last_eval[key] = float(value)
     times = [r["time"] for r in rows if isinstance(r.get("time"), (int, float))]
-    started = None
-    if (run / "config.yaml").is_file():
+    started = driver.get("started") if driver else None
+    if started is None and (run / "config.yaml").is_file():
         started = (run / "config.yaml").stat().st_mtime
     if times:
         started = min(times) if started is None else min(started, min(times))
     ends = [p.stat().st_mtime for p in (run / "summary.json", run / "metrics.jsonl") if p.is_file()]
+    if driver and isinstance(driver.get("ended"), (int, float)):
+        ends = [driver["ended"]]
     ends += [p.stat().st_mtime for p in run.glob("progress/rank*.json")]
     if state == "running":
         ends.append(now)
@@ -161,11 +230,12 @@ def read_state(run: Path, now: float | None = None) -> RunRow:
         last_eval,
         started,
         duration,
+        error,
     )
 
 
 def _is_run(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("config.yaml", "metrics.jsonl", "summary.json"))
+    return any((path / f).is_file() for f in ("config.yaml", "metrics.jsonl", "summary.json", DRIVER_FILE))
 
 
 def list_runs(folder: str | Path, now: float | None = None) -> list[RunRow]:
@@ -213,7 +283,13 @@ def format_table(rows: list[RunRow], root: str | Path | None = None) -> str:
         steps = "-" if r.steps is None else f"{r.steps}" + (f"/{r.max_steps}" if r.max_steps else "")
         evals = ", ".join(f"{k} {v:.4g}" for k, v in r.eval.items()) or "-"
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started)) if r.started else "-"
-        path = os.path.relpath(r.path, root) if root else r.path
+        path = os.path.relpath(r.path, root) if root is not None else r.path
         table.append((path, r.command, r.state, steps, evals, started, _duration(r.duration_s)))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    for r in rows:
+        if r.error and r.state == "failed":
+            path = os.path.relpath(r.path, root) if root is not None else r.path
+            text = " ".join(r.error.split())
+            lines.append(f"{path}: {text[:300]}{'...' if len(text) > 300 else ''}")
+    return "\n".join(lines)
