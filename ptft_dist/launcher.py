@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +169,14 @@ def _worker_loop(config: dict) -> None:
     # Where each rank landed. Ray numbers nodes by IP, so node_rank alone cannot tell two
     # Ray nodes on one host apart; the node id can.
     log.info(
-        "rank %d/%d on Ray node %s (node_rank %d, local_rank %d)",
+        "rank %d/%d on Ray node %s (node_rank %d, local_rank %d, host %s, ip %s)",
         world.rank,
         world.world_size,
         ray.get_runtime_context().get_node_id(),
         world.node_rank,
         world.local_rank,
+        socket.gethostname(),
+        ray.util.get_node_ip_address(),
     )
     module = importlib.import_module(config["recipe"])
     cls = getattr(importlib.import_module("ptft_dist.config"), config["config_class"])

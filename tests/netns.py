@@ -19,7 +19,9 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,16 @@ class Host:
 
     def link(self, state: str) -> None:
         subprocess.run([str(HOSTS_SH), "link", self.name, state], check=True, capture_output=True, timeout=30)
+
+    def stop_all(self, grace_s: float = 10) -> None:
+        """SIGTERM to every process on this host, SIGKILL to what is left after ``grace_s``."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace_s
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.2)
 
     def pids(self) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout

@@ -156,3 +156,21 @@ def test_submit_refuses_bad_usage_before_contacting_ray():
     assert "unknown option --addres" in r.stderr
     r = _run([LAUNCH / "ray-submit.sh"], timeout_s=60, check_rc=2)
     assert "no ptft command given" in r.stderr
+
+
+def test_dry_run_checks_the_command_and_the_runtime_env_without_contacting_ray(tmp_path):
+    address = ["--address", "http://127.0.0.1:9"]  # nothing listens there: a dry run never asks
+    r = _run([LAUNCH / "ray-submit.sh", *address, "--dry-run", "pipeline", "--config", "pipeline_tiny"], timeout_s=120)
+    assert "dry run: 'ptft pipeline --config pipeline_tiny' checks out; would run:" in r.stdout
+    cmd = r.stdout.splitlines()[-1]
+    assert (
+        cmd.startswith("ray job submit --address http://127.0.0.1:9 ") and "-- python -m ptft_dist.cli pipeline" in cmd
+    )
+    # the checked-in runtime env is the base of the one submitted
+    assert "TOKENIZERS_PARALLELISM" in cmd and "runs" in cmd and str(ROOT) in cmd
+    r = _run([LAUNCH / "ray-submit.sh", *address, "--dry-run", "pretrain", "optim.max_stepz=4"], 120, check_rc=2)
+    assert "max_stepz" in r.stderr and "not submitted" in r.stderr
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("optim: {max_steps: 4}\n")
+    r = _run([LAUNCH / "ray-submit.sh", *address, "--dry-run", "pretrain", "--config", outside], 120, check_rc=2)
+    assert f"--config {outside} is outside the checkout" in r.stderr
