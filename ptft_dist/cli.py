@@ -131,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     pred = sub.add_parser("predict", help="apply a finetuned adapter (or model) to a CSV/TSV/JSONL/Parquet file")
     pred.add_argument("model", help="an adapter or model directory written by `ptft finetune`")
-    pred.add_argument("--input", required=True, help="file with the texts")
-    pred.add_argument("--out", required=True, help="CSV to write: text(s), prediction, probability")
+    pred.add_argument("--input", required=True, help="file with the texts, or mongodb://host/db.collection")
+    pred.add_argument(
+        "--out", required=True, help="CSV to write (text(s), prediction, probability), or mongodb://host/db.collection"
+    )
     pred.add_argument("--text-column", default="text")
     pred.add_argument("--text-pair-column")
     pred.add_argument("--max-length", type=int, default=128)
@@ -267,6 +269,16 @@ def _presets() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``ptft``: returns the exit code (0 ok, 2 a config or input error, 1 a failed run, 75
+    stopped with a checkpoint, 130 interrupted)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `ptft presets | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "presets":

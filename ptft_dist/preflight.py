@@ -49,12 +49,28 @@ def check_inputs(data: C.DataBuildConfig) -> list:
     """The input sources of a data build: every glob matches, every file has a known format
     and its first record reads (a JSONL/CSV/Parquet file has ``data.text_field``)."""
     from .data.build import default_corpus
-    from .data.ingest import iter_file_documents, resolve_sources
+    from .data.ingest import iter_source_documents, resolve_sources
 
-    sources = resolve_sources(data.inputs or default_corpus(), data.input_weights)
+    on_error = getattr(data, "on_error", "raise")
+    sources = resolve_sources(
+        data.inputs or default_corpus(),
+        data.input_weights,
+        on_error=on_error,
+        mongo=getattr(data, "mongo", None),
+        text_field=data.text_field,
+    )
+    if not any(s.files or getattr(s, "collection", None) is not None for s in sources):
+        raise DataError(
+            f"data.inputs: nothing usable in {', '.join(map(repr, data.inputs))}: every file was left out "
+            "(data.on_error=skip)"
+        )
     for source in sources:
         for path in source.files:
-            docs = iter_file_documents(path, data.text_field, data.min_doc_chars)
+            if not isinstance(path, Path):  # a tar shard at a URL: its records are read by the build
+                continue
+            docs = iter_source_documents(
+                source, path, text_field=data.text_field, min_chars=data.min_doc_chars, on_error=on_error
+            )
             try:
                 next(docs, None)
             except UnicodeDecodeError as e:
