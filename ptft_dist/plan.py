@@ -20,7 +20,8 @@ Every term, per rank, with N data-parallel ranks and P parameters (T of them tra
   gradients); under stage 3 the forward's gathered weights are still held at its end.
 - communication: ring collectives, bytes each rank sends per optimizer step.
 - time: FLOPs (``6 x non-embedding parameters`` + attention + head, as
-  ``ptft_dist.models.flops_per_token``) / (peak x MFU) + the exposed communication.
+  ``ptft_dist.models.flops_per_token``) / (peak x MFU) + the exposed communication + the
+  optimizer step (memory-bound: parameters updated on the rank / the device's update rate).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Device:
     gpus_per_node: int
     host_memory_gib: float  # per node, for what offload keeps on the host
     source: str
+    optimizer_params_per_s: float = 1e9  # AdamW updates per second per rank (memory-bound)
 
     @property
     def is_gpu(self) -> bool:
@@ -69,12 +71,22 @@ class Device:
 #: (A100), and for V100 the DGX-2 of DeepSpeed's BERT record, 8 x 100 Gb/s for 16 GPUs; 90% of it.
 #: PCIe: Gen5 x16 (H100/H200) 64 GB/s, Gen4 32, Gen3 16, at 80%. Default MFU: see docs/scaling.md
 #: (between ModernBERT-base's ~27% on H100 and DeepSpeed BERT's 52% of V100 peak). Host memory
-#: per node: the DGX of each (DGX H100/H200 and DGX A100 2 TB, DGX-2 1.5 TB).
+#: per node: the DGX of each (DGX H100/H200 and DGX A100 2 TB, DGX-2 1.5 TB). The optimizer step
+#: is memory-bound: about 32 bytes move per parameter (fp32 master, moments, gradient, bf16 copy),
+#: at the HBM bandwidth (H100 3.35 TB/s, H200 4.8, A100 2.04, V100 0.9).
 DEVICES: dict[str, Device] = {
-    "H100": Device("H100", 989.4, 80.0, 360.0, 45.0, 51.0, 0.35, 20e-6, 8, 2048.0, "NVIDIA H100 SXM5 datasheet"),
-    "H200": Device("H200", 989.4, 141.0, 360.0, 45.0, 51.0, 0.35, 20e-6, 8, 2048.0, "NVIDIA H200 SXM datasheet"),
-    "A100": Device("A100", 312.0, 80.0, 240.0, 22.5, 25.6, 0.45, 20e-6, 8, 2048.0, "NVIDIA A100 SXM4 80GB datasheet"),
-    "V100": Device("V100", 125.0, 32.0, 120.0, 5.6, 12.8, 0.45, 25e-6, 16, 1536.0, "NVIDIA V100 SXM2 datasheet, DGX-2"),
+    "H100": Device(
+        "H100", 989.4, 80.0, 360.0, 45.0, 51.0, 0.35, 20e-6, 8, 2048.0, "NVIDIA H100 SXM5 datasheet", 3.35e12 / 32
+    ),
+    "H200": Device(
+        "H200", 989.4, 141.0, 360.0, 45.0, 51.0, 0.35, 20e-6, 8, 2048.0, "NVIDIA H200 SXM datasheet", 4.8e12 / 32
+    ),
+    "A100": Device(
+        "A100", 312.0, 80.0, 240.0, 22.5, 25.6, 0.45, 20e-6, 8, 2048.0, "NVIDIA A100 SXM4 80GB datasheet", 2.04e12 / 32
+    ),
+    "V100": Device(
+        "V100", 125.0, 32.0, 120.0, 5.6, 12.8, 0.45, 25e-6, 16, 1536.0, "NVIDIA V100 SXM2 datasheet, DGX-2", 0.9e12 / 32
+    ),
 }
 
 #: A CPU rank (one core per rank, fp32, gloo over loopback): the throughput and bandwidth of the
@@ -402,6 +414,7 @@ class Row:
     compute_s: float
     comm_s: float
     offload_s: float
+    optimizer_s: float = 0.0
 
     @property
     def fits(self) -> bool:
@@ -518,8 +531,12 @@ def _row(
     compute_s = flops / achieved_flops
     bw = target.device.intra_node_gbs if target.num_nodes == 1 else target.device.inter_node_gbs
     comm_s = comm.bytes / (bw * 1e9) + comm.collectives * target.device.latency_s
-    exposed = max(0.0, comm_s - compute_s) if comm.overlapped else comm_s
-    offload_s = 0.0
+    # DeepSpeed overlaps stage 3's collectives on separate CUDA streams; gloo on CPU blocks the rank
+    overlapped = comm.overlapped and target.device.is_gpu
+    exposed = max(0.0, comm_s - compute_s) if overlapped else comm_s
+    offload_s, optimizer_s = 0.0, 0.0
+    if "optimizer" not in offload:  # AdamW over this rank's partition (all of it at stage 0), memory-bound
+        optimizer_s = (trainable if stage == 0 else trainable / n) / target.device.optimizer_params_per_s
     if "optimizer" in offload:  # gradients to the host (fp32), weights back, and CPU Adam
         offload_s = trainable / n * (4 + dtype_bytes) / (target.device.pcie_gbs * 1e9)
         offload_s += trainable / n / CPU_ADAM_PARAMS_PER_S
@@ -534,10 +551,11 @@ def _row(
         peak,
         max_mb,
         comm,
-        compute_s + exposed + offload_s,
+        compute_s + exposed + optimizer_s + offload_s,
         compute_s,
         comm_s,
         offload_s,
+        optimizer_s,
     )
     row._usable = usable
     return row
@@ -753,7 +771,8 @@ def make_plan(
         + (f"; {RESERVE_GIB} GiB per GPU kept free" if target.device.is_gpu else ""),
         f"communication at {target.device.intra_node_gbs if target.num_nodes == 1 else target.device.inter_node_gbs} "
         f"GB/s per rank ({'inside one node' if target.num_nodes == 1 else 'across nodes'}) + "
-        f"{target.device.latency_s * 1e6:.0f} us per collective; exposed for stages 0-2, overlapped for stage 3",
+        f"{target.device.latency_s * 1e6:.0f} us per collective; exposed for stages 0-2, "
+        + ("overlapped for stage 3" if target.device.is_gpu else "and for stage 3 (gloo blocks)"),
     ]
     return Plan(
         kind,
@@ -849,7 +868,8 @@ def format_plan(p: Plan) -> str:
     lines.append(
         f"configured (*): stage {c.label}, checkpointing {'on' if p.checkpointing else 'off'}: step "
         f"{c.step_s * 1e3:.1f} ms = compute {c.compute_s * 1e3:.1f} + communication {c.comm_s * 1e3:.1f}"
-        f"{' (overlapped)' if c.comm.overlapped else ''}"
+        f"{' (overlapped)' if c.comm.overlapped and t.device.is_gpu else ''}"
+        + (f" + optimizer {c.optimizer_s * 1e3:.1f}" if c.optimizer_s else "")
         + (f" + offload {c.offload_s * 1e3:.1f}" if c.offload_s else "")
         + f"; {p.tokens_per_s:,.0f} tokens/s"
     )

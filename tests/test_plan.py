@@ -95,14 +95,15 @@ def _tiny_cfg(**over) -> C.PretrainConfig:
 
 def test_step_time_and_largest_micro_batch_by_hand(tmp_path):
     cfg = _tiny_cfg(run_dir=str(tmp_path / "none"), **{"zero.stage": 0})
-    cpu = P.replace(P.CPU, peak_tflops=1e-3, intra_node_gbs=1.0, latency_s=1e-4)  # 1 GFLOP/s, 1 GB/s
+    cpu = P.replace(P.CPU, peak_tflops=1e-3, intra_node_gbs=1.0, latency_s=1e-4, optimizer_params_per_s=1e8)
     usable_gib = 0.01
     plan = P.make_plan(cfg, P.Target(cpu, 1, 4, usable_gib), seq_len=32, vocab_size=1000)
     row = plan.configured
     assert plan.accum == 2 and plan.precision == "fp32"
     assert row.compute_s == pytest.approx(2 * 2 * 32 * 734_976 / 1e9)
     assert row.comm_s == pytest.approx(2 * 173_608 * 4 * 3 / 4 / 1e9 + 1 * 1e-4)  # one bucket
-    assert row.step_s == pytest.approx(row.compute_s + row.comm_s)
+    assert row.optimizer_s == pytest.approx(173_608 / 1e8)  # stage 0: every rank updates every parameter
+    assert row.step_s == pytest.approx(row.compute_s + row.comm_s + row.optimizer_s)
     assert plan.tokens_per_s == pytest.approx(16 * 32 / row.step_s)
     # largest micro batch: (usable - states after the step - activations of 0 samples) // per sample
     per_sample = 32 * (2 * (5 * 64 + 2 * 256) + 64 + 0.25 * (4 * 64 + 1000)) * 4 + 32 * 16
