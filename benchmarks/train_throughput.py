@@ -41,7 +41,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 from ptft_dist import config as C  # noqa: E402
 from ptft_dist import jobs, models  # noqa: E402
 from ptft_dist.data.build import read_manifest  # noqa: E402
-from ptft_dist.data.stream import mask_tokens  # noqa: E402
+from ptft_dist.data.mlm import mask_tokens  # noqa: E402
 
 MODEL = dict(family="modernbert", hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
 GLOBAL_BATCH, SEQ_LEN, MLM_P = 32, 128, 0.3

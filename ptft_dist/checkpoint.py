@@ -10,9 +10,11 @@ writes that file last, after its engine shard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,38 @@ log = logging.getLogger(__name__)
 
 TAG = "ds"
 VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, beyond the engine's own state: written by every rank into every
+    checkpoint (``train_state_rank<r>.json``) and read back whole on resume."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    samples_seen: int = 0
+    """Training samples consumed, over all ranks."""
+    train_time_s: float = 0.0
+    """Seconds of training, this run and the runs it resumed (drives time_budget_s)."""
+    nonfinite_skipped_steps: int = 0
+    """Steps whose update was skipped for a non-finite loss (on_nonfinite_loss: skip)."""
+    data_position: dict | None = None
+    """This rank's read position (:meth:`ptft_dist.data.stream.ShardStream.state_dict`)."""
+    tokenizer_sha256: str | None = None
+    wandb_run_id: str | None = None
+    """Rank 0's W&B run, continued by a resumed run."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def read(cls, directory: str | Path, rank: int = 0) -> TrainState:
+        return cls.from_dict(read_state(directory, rank))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -45,7 +79,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save(engine, directory: str | Path, world: World, train_state: dict[str, Any], config_yaml: str) -> Path:
+def save(engine, directory: str | Path, world: World, train_state: TrainState, config_yaml: str) -> Path:
     """Write this rank's part of a checkpoint. Collective: every rank must call it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +91,7 @@ def save(engine, directory: str | Path, world: World, train_state: dict[str, Any
     files = {
         str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and _owned(p.name, world.rank)
     }
-    state = dict(train_state, version=VERSION, world_size=world.world_size, rank=world.rank, files=files)
+    state = dict(train_state.to_dict(), version=VERSION, world_size=world.world_size, rank=world.rank, files=files)
     tmp = out / f"train_state_rank{world.rank}.json.tmp"
     tmp.write_text(json.dumps(state))
     tmp.replace(out / f"train_state_rank{world.rank}.json")  # last: marks this rank's part complete
@@ -103,17 +137,20 @@ FROZEN_ON_RESUME = {
 }
 
 
-def check_compatible(directory: str | Path, current: dict[str, Any], world_size: int) -> None:
-    """Refuse to resume on another world size, or with a config whose model, ZeRO stage,
-    batch or data differ from the checkpoint's, naming the first field that differs."""
-    import yaml
-
-    written_by = read_state(directory, 0)["world_size"]
+def _check_world_size(directory: str | Path, written_by: int, world_size: int) -> None:
     if written_by != world_size:
         raise ValueError(
             f"checkpoint {directory} was written by {written_by} ranks, this run has {world_size}; "
             "resume with the same scaling.num_workers, or start a new run from an export (model.init_from)"
         )
+
+
+def check_compatible(directory: str | Path, current: dict[str, Any], world_size: int) -> None:
+    """Refuse to resume on another world size, or with a config whose model, ZeRO stage,
+    batch or data differ from the checkpoint's, naming the first field that differs."""
+    import yaml
+
+    _check_world_size(directory, read_state(directory, 0)["world_size"], world_size)
     saved_file = Path(directory, "config.yaml")
     if not saved_file.is_file():
         return
@@ -128,7 +165,7 @@ def check_compatible(directory: str | Path, current: dict[str, Any], world_size:
                 )
 
 
-def load(engine, directory: str | Path, world: World) -> dict[str, Any]:
+def load(engine, directory: str | Path, world: World) -> TrainState:
     """Restore the engine and RNG states; return this rank's train state. Collective.
 
     Raises:
@@ -140,17 +177,13 @@ def load(engine, directory: str | Path, world: World) -> dict[str, Any]:
     state = read_state(path, world.rank)
     if state.get("version") != VERSION:
         raise ValueError(f"checkpoint {path}: version {state.get('version')!r}, this ptft-dist reads version {VERSION}")
-    if state["world_size"] != world.world_size:
-        raise ValueError(
-            f"checkpoint {path} was written by {state['world_size']} ranks, this run has {world.world_size}; "
-            "resume with the same scaling.num_workers, or start a new run from an export (model.init_from)"
-        )
+    _check_world_size(path, state["world_size"], world.world_size)
     engine.load_checkpoint(str(path), tag=TAG)
     rng = path / f"rng_rank{world.rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
     log.info("resumed from %s at step %d", path, state["step"])
-    return state
+    return TrainState.from_dict(state)
 
 
 def consolidated_state_dict(directory: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -555,6 +555,11 @@ class FinetuneConfig:
             )
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
             raise ConfigError(f"{_join(path, 'name')} must be 1-64 letters, digits, '.', '-' or '_', got {self.name!r}")
+        if self.scaling.max_failures:
+            raise ConfigError(
+                f"{_join(path, 'scaling')}.max_failures={self.scaling.max_failures}: finetune jobs write no "
+                "checkpoints, so a restarted job would begin again at step 0; set it to 0 (rerun a failed job instead)"
+            )
 
 
 @dataclass(kw_only=True)

@@ -30,8 +30,14 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     import deepspeed
 
-    if world.world_size > 1 or torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu(scaling) else "gloo", verbose=False)
+    backend = "nccl" if on_gpu(scaling) else "gloo"
+    if world.world_size == 1 and not torch.distributed.is_initialized():
+        # one process without a launcher (tests, notebooks): a process group of one, in memory
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        for name in ("RANK", "LOCAL_RANK"):  # what a launcher would have set; DeepSpeed reads them
+            os.environ.setdefault(name, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 #: Dense bf16 peak TFLOP/s by GPU name fragment, for MFU.
@@ -134,7 +140,7 @@ def initialize(model: torch.nn.Module, optim: OptimConfig, ds: dict[str, Any], c
     return engine
 
 
-def full_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine, world: World, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
     """The consolidated weights, on rank 0 (None elsewhere). Collective: every rank calls it.
 
     Under ZeRO-3 each parameter is gathered from its shards, so the export is never empty.
@@ -143,7 +149,7 @@ def full_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Ten
 
     module = engine.module
     stage = engine.zero_optimization_stage()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = world.rank
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
     if stage == 3:
         out = {}

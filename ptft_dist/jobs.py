@@ -102,7 +102,7 @@ def _resolve_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
 
     base_config = Path(cfg.base_model or "", "config.json")
     if cfg.pooling != "cls" and base_config.is_file():  # said before any worker starts
-        from .recipes.finetune import pooling_kwargs
+        from .models import pooling_kwargs
 
         pooling_kwargs(json.loads(base_config.read_text()).get("model_type", "?"), cfg.pooling, cfg.base_model)
     return dataclasses.replace(
@@ -124,7 +124,7 @@ def _preemptible(run_dir: str | Path, grace_s: float):
     import signal
     import threading
 
-    from .recipes.pretrain import STOP_FILE
+    from .progress import STOP_FILE
 
     stop = Path(run_dir, STOP_FILE)
     stop.unlink(missing_ok=True)  # a new start of the same command resumes, not stops
@@ -238,9 +238,9 @@ def predict(
 
     import torch
 
+    from .adapters import load_classifier
     from .data.build import DataError
     from .data.labeled import _rows
-    from .recipes.finetune import load_classifier
 
     model, tokenizer, names = load_classifier(model_dir)
     texts, pairs, ids = [], [], []

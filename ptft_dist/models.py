@@ -22,6 +22,7 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .config import ModelConfig
+from .data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,41 @@ def flops_per_token(config: PretrainedConfig, seq_len: int, mask_fraction: float
     glu = 2 if config.model_type == "modernbert" else 1  # GeGLU's input projection is doubled
     per_layer = 4 * h * h + (glu + 1) * h * inter
     return 6.0 * n_layers * per_layer + 12.0 * n_layers * h * seq_len + 6.0 * h * config.vocab_size * mask_fraction
+
+
+def pooling_kwargs(family: str, pooling: str, where) -> dict:
+    """Config overrides that make the classifier pool the way ``pooling`` says."""
+    if family == "modernbert":
+        return {"classifier_pooling": pooling}
+    if pooling != "cls":
+        raise DataError(
+            f"pooling: {pooling!r} needs a ModernBERT model; {where} is a {family} model, whose classifier reads the "
+            "first token (use pooling: cls)"
+        )
+    return {}
+
+
+def check_fits_dataset(hf_config: PretrainedConfig, manifest: dict, dataset_dir) -> None:
+    """The model takes the dataset's token ids and sample length."""
+    if hf_config.vocab_size < manifest["vocab_size"]:
+        raise DataError(
+            f"model vocab_size {hf_config.vocab_size} < dataset vocab_size {manifest['vocab_size']} ({dataset_dir})"
+        )
+    if manifest["seq_len"] > hf_config.max_position_embeddings:
+        raise DataError(
+            f"dataset seq_len {manifest['seq_len']} > model.max_position_embeddings "
+            f"{hf_config.max_position_embeddings} ({dataset_dir})"
+        )
+
+
+def masked_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels at masked positions, for dense heads ([B, T, V]) and masked-only
+    heads (ModernBERT's sparse prediction returns [num_masked, V])."""
+    flat = labels.reshape(-1)
+    picked = flat[flat != -100]
+    if logits.dim() == 2:
+        return logits, picked
+    return logits.reshape(-1, logits.size(-1))[flat != -100], picked
 
 
 def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

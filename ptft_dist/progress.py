@@ -26,6 +26,10 @@ from pathlib import Path
 
 log = logging.getLogger("ptft_dist.progress")
 
+#: Its presence in a run dir asks the workers to write a checkpoint and stop (the driver's
+#: SIGTERM handler creates it; the training loop looks for it after every step).
+STOP_FILE = "STOP"
+
 
 def heartbeat(run_dir: str | Path, rank: int, step: int, phase: str = "train") -> None:
     """Write ``<run_dir>/progress/rank<rank>.json``: this process's pid, step and phase (setup,
@@ -199,7 +203,7 @@ class Monitor:
             return None
         parts = [
             f"step {step:,}/{self.max_steps:,}" if not self.time_budget_s else f"step {step:,}",
-            f"loss {row['train_loss']:.3f}",
+            "loss skipped (not finite)" if row["train_loss"] is None else f"loss {row['train_loss']:.3f}",
         ]
         if "tokens_per_s" in row:
             parts.append(rate(row["tokens_per_s"], "tok/s"))

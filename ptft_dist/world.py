@@ -8,7 +8,9 @@ torchrun and Ray Train set the same variables (RANK, LOCAL_RANK, WORLD_SIZE, ...
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -81,3 +83,16 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def collective_batches(num_items: int, batch_size: int, world: World) -> Iterator[slice | None]:
+    """This rank's batches of ``num_items`` items, in rounds that every rank takes part in.
+
+    Round r gives rank k batch ``r * world_size + k``; a rank past the last batch gets
+    ``None`` for that round and must still run the collective work of the round (a ZeRO-3
+    forward gathers parameters from every rank), with a throwaway input.
+    """
+    num_batches = math.ceil(num_items / batch_size)
+    for r in range(math.ceil(num_batches / world.world_size)):
+        b = r * world.world_size + world.rank
+        yield slice(b * batch_size, min((b + 1) * batch_size, num_items)) if b < num_batches else None

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ptft_dist.data.build import FORMAT, FORMAT_VERSION, MANIFEST
 from ptft_dist.data.shards import ShardWriter, record_bytes
@@ -56,9 +55,3 @@ def write_dataset(out: Path, sizes: list[int] = UNEVEN_SIZES, valid_sizes: list[
 
 def index_of(key: str) -> int:
     return int(key.rsplit("-", 1)[1])
-
-
-def collate(items):
-    """The pretraining recipe's collate: (slot, epochs, keys, ids)."""
-    slots, epochs, keys, ids = zip(*items)
-    return slots[0], list(epochs), list(keys), torch.from_numpy(np.stack(ids).astype("int64"))

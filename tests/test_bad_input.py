@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from ptft_dist import config as C
 from ptft_dist import jobs
@@ -18,10 +19,7 @@ from ptft_dist.config import DataBuildConfig, TokenizerConfig
 from ptft_dist.data.build import DataError, build, read_manifest
 
 TINY = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=128",
+    *TINY_MODEL,
     "eval_every_steps=1000",
     "data.num_eval_samples=16",
 ]

@@ -14,8 +14,9 @@ import torch
 from ptft_dist.config import DataBuildConfig, TokenizerConfig
 from ptft_dist.data.build import DataError, build, check_tokenizer, is_validation, read_manifest
 from ptft_dist.data.ingest import _keeps_extra_copy
+from ptft_dist.data.mlm import mask_tokens
 from ptft_dist.data.shards import record_bytes
-from ptft_dist.data.stream import iter_shard, mask_tokens, read_all
+from ptft_dist.data.stream import iter_shard, read_all
 
 WORDS = "the city river north old house music war game film song team first second school station park".split()
 

@@ -11,13 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dataset_helpers import UNEVEN_SIZES, collate, write_dataset
+from dataset_helpers import UNEVEN_SIZES, write_dataset
 from torch.utils.data import DataLoader
 
 from ptft_dist.data.build import read_manifest
 from ptft_dist.data.errors import DataError
 from ptft_dist.data.shards import record_bytes
-from ptft_dist.data.stream import ShardStream, read_all
+from ptft_dist.data.stream import ShardStream, collate, read_all
 
 N = sum(UNEVEN_SIZES)
 REC = record_bytes(16, 2)
@@ -189,7 +189,7 @@ def test_skip_counts_are_exact_over_one_epoch(ds):
     path.unlink()
     stream = ShardStream(ds, "train", rank=0, world_size=1, seed=0, shuffle_buffer=0, on_error="skip")
     seen = collections.Counter()
-    for _, e, key, _ in stream:
+    for _, e, key, _, _ in stream:
         if e > 0:
             break
         seen[key] += 1

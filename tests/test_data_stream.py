@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dataset_helpers import UNEVEN_SIZES, collate, index_of, write_dataset
+from dataset_helpers import UNEVEN_SIZES, index_of, write_dataset
 from torch.utils.data import DataLoader
 
+from ptft_dist.data.mlm import mask_tokens
 from ptft_dist.data.shards import record_bytes
-from ptft_dist.data.stream import Layout, ShardStream, advance, mask_tokens, new_position
+from ptft_dist.data.stream import Layout, ShardStream, advance, collate, new_position
 
 N = sum(UNEVEN_SIZES)
 BATCH = 4
@@ -44,7 +45,7 @@ def _take(loader, n):
 
 
 def _check_ids(batch):
-    _, _, keys, ids = batch
+    keys, ids = batch.keys, batch.input_ids
     for key, row in zip(keys, ids):
         assert row[0].item() == index_of(key) % 60000, "a sample came with another sample's ids"
 
@@ -110,8 +111,8 @@ def test_resume_mid_epoch_equals_the_uninterrupted_order(uneven, num_workers):
     assert max(int(e) for b in reference for e in b[1]) >= 2
     for stop in (1, 4, total // 2, total - 3):
         position = new_position(max(1, num_workers), world_size=2)
-        for slot, epochs, _, _ in reference[:stop]:
-            advance(position, slot, epochs)
+        for batch in reference[:stop]:
+            advance(position, batch)
         position = json.loads(json.dumps(position))  # as saved in a checkpoint
         _, resumed = _loader(uneven, 1, 2, num_workers, position=position)
         for expected, got in zip(reference[stop:], _take(resumed, total - stop)):
@@ -125,8 +126,7 @@ def test_stream_state_dict_round_trip(uneven):
     stream2, loader2 = _loader(uneven, 0, 1, 0)
     it = iter(loader2)
     for _ in range(5):
-        slot, epochs, _, _ = next(it)
-        stream2.advance(slot, epochs)
+        stream2.advance(next(it))
     state = stream2.state_dict()
     stream3 = ShardStream(uneven, "train", rank=0, world_size=1, seed=7, shuffle_buffer=5)
     stream3.load_state_dict(state)
@@ -157,8 +157,8 @@ def test_resume_seeks_without_reading_consumed_samples(uneven, tmp_path):
                 data[m * rec : (m + 1) * rec] = bytes(rec)
         (copy / shard["file"]).write_bytes(bytes(data))
     position = new_position(1)
-    for slot, epochs, _, _ in batches[:stop]:
-        advance(position, slot, epochs)
+    for batch in batches[:stop]:
+        advance(position, batch)
     resumed, _ = _loader(copy, 0, 1, 0, shuffle=8, position=position, verify=False)
     it = iter(resumed)  # item by item: the next epoch may need the zeroed samples again
     assert [next(it)[2] for _ in remaining] == remaining
@@ -172,9 +172,9 @@ def _run(dataset, world_size, num_workers, num_batches, position=None, **kw):
     for rank in range(world_size):
         stream, loader = _loader(dataset, rank, world_size, num_workers, position=position, **kw)
         pos = stream.state_dict()
-        for slot, epochs, keys, _ids in _take(loader, num_batches):
-            advance(pos, slot, epochs)
-            items += [(int(e), k, e.index) for e, k in zip(epochs, keys)]
+        for batch in _take(loader, num_batches):
+            advance(pos, batch)
+            items += list(zip(batch.epochs, batch.keys, batch.indices))
         positions.append(json.loads(json.dumps(pos)))
     return items, positions
 
@@ -303,8 +303,8 @@ def test_http_shards_stream_resume_and_train(tiny_dataset, http_root):
     assert [b[2] for b in remote] == [b[2] for b in local]
     assert all(torch.equal(a[3], b[3]) for a, b in zip(local, remote))
     position = new_position(1, world_size=2)
-    for slot, epochs, _, _ in remote[:7]:
-        advance(position, slot, epochs)
+    for batch in remote[:7]:
+        advance(position, batch)
     resumed = _take(_loader(url, 1, 2, 0, shuffle=64, position=position)[1], 5)
     assert [b[2] for b in resumed] == [b[2] for b in local[7:]]
     assert read_all(url, "valid", limit=10)[0] == read_all(tiny_dataset, "valid", limit=10)[0]
@@ -320,7 +320,7 @@ def test_http_shards_stream_resume_and_train(tiny_dataset, http_root):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: spinning threads only slow it on a shared machine
     try:
-        for step, (_, _, _, ids) in zip(range(40), loader):
+        for step, ids in zip(range(40), (b.input_ids for b in loader)):
             inputs, labels = mask_tokens(
                 ids,
                 mlm_probability=0.3,

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from ptft_dist import config as C
 from ptft_dist import jobs
 from ptft_dist.tracking import read_metrics
 
 pytestmark = pytest.mark.dist
-
-TINY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128"]
 
 
 def _pretrain(tmp_path, dataset, stage, family="modernbert", steps=24):
@@ -108,7 +107,7 @@ def _reload_predictions_match(summary, n=64, pair=False):
     """The saved adapter/model, loaded fresh, predicts what the run wrote in predictions.csv."""
     import csv
 
-    from ptft_dist.recipes.finetune import load_classifier
+    from ptft_dist.adapters import load_classifier
 
     key = "adapter" if "adapter" in summary["artifacts"] else "model"
     model, tok, names = load_classifier(summary["artifacts"][key])
@@ -239,7 +238,7 @@ def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
         assert (tmp_path / "pipe" / part / "config.yaml").is_file()
         assert (tmp_path / "pipe" / part / "metrics.jsonl").is_file()
     # W&B (offline here): one run per job, written by rank 0, all in the pipeline's group
-    from test_tracking import finished_run, offline_runs, run_record
+    from helpers import finished_run, offline_runs, run_record
 
     runs = {
         part: [run_record(finished_run(p)) for p in offline_runs(tmp_path / "pipe" / part)]

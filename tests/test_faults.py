@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from ptft_dist import checkpoint, jobs
 from ptft_dist import config as C
@@ -19,10 +20,7 @@ from ptft_dist import config as C
 pytestmark = pytest.mark.dist
 
 TINY = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=128",
+    *TINY_MODEL,
     "optim.lr=3e-3",
     "optim.warmup_steps=3",
     "eval_every_steps=1000",

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
+from ptft_dist.classify import classification_metrics
 from ptft_dist.config import TaskConfig
 from ptft_dist.data.build import DataError
 from ptft_dist.data.labeled import label_order, materialize_trec, read_examples, resolve_task
-from ptft_dist.recipes.finetune import classification_metrics
 
 
 def test_trec_is_5452_train_and_500_test(tmp_path):

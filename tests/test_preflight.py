@@ -113,7 +113,7 @@ def test_task_files_need_their_columns_two_labels_and_known_test_labels(tmp_path
 
 def test_examples_per_class_follow_the_recipes_splits(tmp_path, task_files):
     """Held-out test and validation shares and train_examples, per class as the recipe splits."""
-    from ptft_dist.recipes.finetune import load_splits
+    from ptft_dist.classify import load_splits
 
     train, _ = task_files
     cfg = C.FinetuneConfig(

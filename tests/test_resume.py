@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODEL, finished_run, offline_runs, run_record
 
 from ptft_dist import config as C
 from ptft_dist import jobs
@@ -13,10 +14,7 @@ from ptft_dist.tracking import read_metrics
 pytestmark = pytest.mark.dist
 
 TINY = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=128",
+    *TINY_MODEL,
     "optim.lr=3e-3",
     "optim.warmup_steps=3",
 ]
@@ -50,8 +48,6 @@ def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_dataset, ra
     assert second["metrics"]["completed"] is True and second["metrics"]["steps"] == 10
 
     if stage == 2:  # the resumed job continued its W&B run (offline here): one id, two parts
-        from test_tracking import finished_run, offline_runs, run_record
-
         parts = offline_runs(tmp_path / "paused")
         assert len(parts) == 2
         assert len({run_record(finished_run(p)).run_id for p in parts}) == 1

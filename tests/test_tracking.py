@@ -1,80 +1,14 @@
 import json
 import logging
-import struct
-import time
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from helpers import finished_run, history, offline_runs, run_record
 
 from ptft_dist import config as C
 from ptft_dist.config import TrackingConfig
 from ptft_dist.tracking import Tracker, read_metrics, wandb_mode, write_summary
 from ptft_dist.world import World
-
-
-def wandb_records(path: Path) -> list:
-    """The protobuf records of a ``.wandb`` file, checksums verified.
-
-    The file is W&B's transaction log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0),
-    then LevelDB-log framing: 32 KiB blocks of chunks, each ``<crc32 u32, length u16, type
-    u8>`` + data, where type 1 is a whole record and 2/3/4 are its first/middle/last parts.
-    Each record is a ``wandb_internal.Record`` message.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
-    block, pos, parts, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:  # zero padding up to the end of the block
-            pos += block - pos % block
-            continue
-        if pos + 7 + length > len(data):
-            break  # still being written
-        chunk = data[pos + 7 : pos + 7 + length]
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"bad checksum at byte {pos}"
-        pos += 7 + length
-        parts = chunk if kind in (1, 2) else parts + chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(parts)
-            records.append(record)
-    return records
-
-
-def offline_runs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "wandb").glob("offline-run-*"))
-
-
-def finished_run(part: Path, timeout_s: float = 30.0) -> list:
-    """The records of one offline run folder once W&B wrote its exit record: W&B's service
-    process writes the log asynchronously, so it may lag ``finish()`` by a moment."""
-    (path,) = part.glob("*.wandb")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = wandb_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
-
-
-def history(records) -> list[dict]:
-    return [
-        {item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json) for item in r.history.item}
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]
-
-
-def run_record(records):
-    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    return run
 
 
 @pytest.fixture

@@ -203,11 +203,13 @@ def tokenizer_sha256(directory: str | os.PathLike) -> str:
         ) from None
 
 
-def check_tokenizer(dataset_dir: str | os.PathLike, other_dir: str | os.PathLike, what: str = "the model") -> None:
+def check_tokenizer(
+    dataset_dir: str | os.PathLike, other_dir: str | os.PathLike, what: str = "the model", manifest: dict | None = None
+) -> None:
     """Refuse a model (or checkpoint) whose tokenizer differs from the one the shards were
     tokenized with: token ids would mean other words. ``other_dir`` holds a tokenizer.json,
     or is skipped when it has none (a model directory without tokenizer files)."""
-    manifest = read_manifest(dataset_dir)
+    manifest = manifest or read_manifest(dataset_dir)
     expected = manifest["tokenizer"]["sha256"]
     if tokenizer_sha256(tokenizer_dir(dataset_dir, manifest)) != expected:
         raise DataError(

@@ -148,6 +148,18 @@ class ShardWriter:
         )
 
 
+def size_problem(url: str, entry: dict, size: int | None) -> str | None:
+    """What is wrong with a shard of ``size`` bytes (None: the file is missing), measured
+    against its manifest entry; None when nothing is."""
+    if size is None:
+        return f"shard {url} listed in manifest.json is missing"
+    expected = entry.get("num_bytes")
+    if expected is None or size == expected:
+        return None
+    kind = "truncated" if size < expected else "larger than the manifest says"
+    return f"shard {url} is {kind}: {size:,} bytes, manifest.json says {expected:,}"
+
+
 class ShardError(DataError):
     """A problem with a whole shard (missing, truncated, wrong hash, unreadable)."""
 
@@ -195,15 +207,14 @@ class ShardReader:
         try:
             fh = files.open_binary(url)
         except FileNotFoundError:
-            raise ShardError(f"shard {url} is missing (listed in the manifest)") from None
+            raise ShardError(size_problem(url, entry, None)) from None
         except OSError as e:
             raise ShardError(f"shard {url} cannot be opened ({type(e).__name__}: {e})") from None
         try:
             size = files.size_bytes(fh, url)
-            expected = entry.get("num_bytes")
-            if expected is not None and size is not None and size != expected:
-                kind = "truncated" if size < expected else "larger than the manifest says"
-                raise ShardError(f"shard {url} is {kind}: {size:,} bytes, manifest.json says {expected:,}")
+            problem = size_problem(url, entry, size) if size is not None else None
+            if problem:
+                raise ShardError(problem)
             if self.verify and entry.get("sha256"):
                 digest = _sha256(fh)
                 if digest != entry["sha256"]:

@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import files
 from .build import MANIFEST, read_manifest
 from .errors import DataError
-from .shards import SampleError, ShardError, ShardReader
+from .shards import SampleError, ShardError, ShardReader, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +55,40 @@ POSITION_VERSION = 2
 READ_CHUNK = 1024
 
 
-class SampleEpoch(int):
-    """The epoch of a sample as the stream yields it: an ``int`` that also carries the
-    sample's index in its rank's stream, so that :func:`advance` records exactly what was
-    consumed, also when bad samples were skipped."""
+class Item(NamedTuple):
+    """One sample as the stream yields it."""
 
-    index: int
+    slot: int
+    """The DataLoader worker ("slot") that read it."""
+    epoch: int
+    key: str
+    input_ids: np.ndarray
+    stream_index: int
+    """Its index in its rank's stream: what :func:`advance` records as consumed (exact also
+    when bad samples were skipped)."""
 
-    def __new__(cls, epoch: int, index: int) -> SampleEpoch:
-        obj = super().__new__(cls, epoch)
-        obj.index = index
-        return obj
 
-    def __reduce__(self):
-        return (SampleEpoch, (int(self), self.index))
+class Batch(NamedTuple):
+    """One micro batch of a rank, made by :func:`collate` from the items of one slot."""
+
+    slot: int
+    epochs: list[int]
+    keys: list[str]
+    input_ids: torch.Tensor
+    """[batch, seq_len] int64 token ids, unmasked (masking is the training loop's, per step)."""
+    indices: list[int]
+    """Each sample's index in its rank's stream (:attr:`Item.stream_index`)."""
+
+
+def collate(items: list[Item]) -> Batch:
+    """The DataLoader ``collate_fn`` for a :class:`ShardStream`: items of one slot -> Batch."""
+    return Batch(
+        slot=items[0].slot,
+        epochs=[it.epoch for it in items],
+        keys=[it.key for it in items],
+        input_ids=torch.from_numpy(np.stack([it.input_ids for it in items]).astype("int64")),
+        indices=[it.stream_index for it in items],
+    )
 
 
 # --------------------------------------------------------------------------- layout
@@ -196,15 +217,13 @@ def new_position(num_slots: int, world_size: int | None = None) -> dict:
     }
 
 
-def advance(position: dict, slot: int, epochs: list[int]) -> None:
-    """Record one consumed batch from ``slot`` whose samples came from ``epochs`` (the
-    items' epoch fields, in order)."""
-    state = position["slots"][slot]
+def advance(position: dict, batch: Batch) -> None:
+    """Record one consumed batch in a read position (in place)."""
+    state = position["slots"][batch.slot]
     num_slots = position["num_slots"]
-    for e in epochs:
-        index = getattr(e, "index", None)
-        state[1] = state[1] + 1 if index is None else max(state[1], index // num_slots + 1)
-        state[0] = int(e)
+    for epoch, index in zip(batch.epochs, batch.indices):
+        state[1] = max(state[1], index // num_slots + 1)
+        state[0] = int(epoch)
     position["batches"] += 1
 
 
@@ -324,11 +343,10 @@ class _EpochOrder:
 
 
 class ShardStream(IterableDataset):
-    """Endless stream of ``(slot, epoch, key, token ids)`` for one rank, resumable by seeking.
+    """Endless stream of :class:`Item` for one rank, resumable by seeking.
 
-    ``epoch`` is a :class:`SampleEpoch` (an int that knows the sample's index in the rank's
-    stream). The training loop records each consumed batch with :func:`advance` (or
-    :meth:`advance`) and saves the position (:meth:`state_dict`) in every checkpoint.
+    Batch it with :func:`collate`. The training loop records each consumed batch with
+    :meth:`advance` and saves the position (:meth:`state_dict`) in every checkpoint.
 
     Args:
         dataset_dir: a directory made by ``ptft data build``, or its URL (``http(s)://``,
@@ -345,6 +363,7 @@ class ShardStream(IterableDataset):
         on_error: ``raise`` (default) or ``skip`` bad shards and samples, counting them in
             :attr:`num_skipped_samples` and logging a warning that names each.
         verify: check each shard's size and sha256 when a process first opens it.
+        manifest: the dataset's manifest when the caller has read it already.
     """
 
     def __init__(
@@ -360,13 +379,14 @@ class ShardStream(IterableDataset):
         num_loader_workers: int | None = None,
         on_error: str = "raise",
         verify: bool = True,
+        manifest: dict | None = None,
     ):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.dir = files.location(dataset_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = manifest or read_manifest(self.dir)
         if split not in self.manifest["splits"]:
             raise DataError(f"{files.join(self.dir, MANIFEST)} has no split {split!r}")
         self.split = split
@@ -417,11 +437,11 @@ class ShardStream(IterableDataset):
             self.position = new_position(self._num_slots_hint or 1, self.world_size)
         return copy.deepcopy(self.position)
 
-    def advance(self, slot: int, epochs: list[int]) -> None:
-        """Record one consumed batch (see :func:`advance`)."""
+    def advance(self, batch: Batch) -> None:
+        """Record one consumed batch: the position moves past its samples."""
         if self.position is None:
             self.position = new_position(self._num_slots_hint or 1, self.world_size)
-        advance(self.position, slot, epochs)
+        advance(self.position, batch)
 
     @property
     def num_skipped_samples(self) -> int:
@@ -442,15 +462,9 @@ class ShardStream(IterableDataset):
         for shard in self.shards:
             path = Path(self.dir, shard["file"])
             listed.add(shard["file"])
-            if not path.is_file():
-                problems.append(f"shard {path} listed in {Path(self.dir, MANIFEST)} is missing")
-            elif shard.get("num_bytes") is not None and path.stat().st_size != shard["num_bytes"]:
-                size = path.stat().st_size
-                problems.append(
-                    f"shard {path} is "
-                    f"{'truncated' if size < shard['num_bytes'] else 'larger than the manifest says'}: {size:,} "
-                    f"bytes, {MANIFEST} says {shard['num_bytes']:,}"
-                )
+            problem = size_problem(str(path), shard, path.stat().st_size if path.is_file() else None)
+            if problem:
+                problems.append(problem)
         strays = sorted(p.name for p in Path(self.dir).glob(f"{self.split}-*.tar") if p.name not in listed)
         if strays:
             problems.append(
@@ -467,7 +481,7 @@ class ShardStream(IterableDataset):
 
     # ---------------------------------------------------------------- reading
 
-    def __iter__(self) -> Iterator[tuple[int, SampleEpoch, str, np.ndarray]]:
+    def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
         worker, num_slots = (info.id, info.num_workers) if info else (0, 1)
         position = (
@@ -506,7 +520,7 @@ class ShardStream(IterableDataset):
 
     def _slot_items(
         self, layout: Layout, slot: int, num_slots: int, consumed: int, reader: ShardReader
-    ) -> Iterator[tuple[int, SampleEpoch, str, np.ndarray]]:
+    ) -> Iterator[Item]:
         window = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
         chunk = window or READ_CHUNK
         orders: OrderedDict[int, _EpochOrder] = OrderedDict()
@@ -579,18 +593,18 @@ class ShardStream(IterableDataset):
                 continue
             key, ids = item
             run[0] = 0
-            yield slot, SampleEpoch(epoch, t_first + i * step), key, ids
+            yield Item(slot, epoch, key, ids, t_first + i * step)
         if skipped:
             with self._skipped.get_lock():
                 self._skipped.value += skipped
 
 
 def read_all(
-    dataset_dir: str | Path, split: str, limit: int | None = None, *, verify: bool = True
+    dataset_dir: str | Path, split: str, limit: int | None = None, *, verify: bool = True, manifest: dict | None = None
 ) -> tuple[list[str], np.ndarray]:
     """Keys and ids of a split in shard order (the held-out set for evaluation)."""
     loc = files.location(dataset_dir)
-    manifest = read_manifest(loc)
+    manifest = manifest or read_manifest(loc)
     shards = manifest["splits"][split]["shards"]
     reader = ShardReader(
         loc,
@@ -642,30 +656,3 @@ def iter_shard(url: str, dtype: np.dtype, seq_len: int) -> Iterator[tuple[str, n
         raise
     except Exception as e:  # tarfile and I/O errors: name the shard
         raise DataError(f"shard {url}: cannot be read ({type(e).__name__}: {e})") from e
-
-
-def mask_tokens(
-    ids: torch.Tensor,
-    *,
-    mlm_probability: float,
-    mask_id: int,
-    vocab_size: int,
-    special_ids: list[int],
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic BERT masking: choose ``mlm_probability`` of the non-special tokens; of those
-    80% become [MASK], 10% a random token, 10% stay. Returns (input_ids, labels) with
-    labels = -100 where nothing is predicted."""
-    ids = ids.long()
-    labels = ids.clone()
-    special = torch.zeros_like(ids, dtype=torch.bool)
-    for s in special_ids:
-        special |= ids == s
-    chosen = (torch.rand(ids.shape, generator=generator) < mlm_probability) & ~special
-    labels[~chosen] = -100
-    roll = torch.rand(ids.shape, generator=generator)
-    inputs = ids.clone()
-    inputs[chosen & (roll < 0.8)] = mask_id
-    randomize = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[randomize] = torch.randint(vocab_size, ids.shape, generator=generator)[randomize]
-    return inputs, labels

@@ -16,6 +16,9 @@ Features:
     - test accuracy, macro-F1, per-class precision/recall, confusion matrix, predictions file
     - the adapter saved in PEFT format (gathered under ZeRO-3, never empty) with the labels
       and tokenizer beside it; optionally a merged model; full finetuning saves an HF model
+
+Finetune jobs write no checkpoints (they are minutes long): a job restarts from step 0, so
+``scaling.max_failures`` must be 0 (the config refuses more).
 """
 
 from __future__ import annotations
@@ -23,464 +26,342 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .. import adapters, models
 from .. import engine as engine_lib
-from .. import models
+from ..classify import Split, batch_of_step, classification_metrics, load_splits
 from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, to_dict
 from ..data.build import DataError
-from ..data.labeled import label_order, read_examples
 from ..progress import heartbeat
 from ..tracking import Tracker, write_summary
-from ..world import World, all_gather_object, all_reduce_sum, barrier, broadcast_object
+from ..world import World, all_gather_object, all_reduce_sum, barrier, broadcast_object, collective_batches
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Split:
-    texts: list[str]
-    pairs: list[str] | None
-    labels: list[int]
+class Best:
+    """The best validation score so far, and this rank's trainable weights at it."""
 
-    def take(self, idx) -> Split:
-        idx = list(idx)
-        return Split(
-            [self.texts[i] for i in idx],
-            [self.pairs[i] for i in idx] if self.pairs is not None else None,
-            [self.labels[i] for i in idx],
-        )
-
-    def __len__(self) -> int:
-        return len(self.texts)
+    score: float = -1.0
+    step: int = 0
+    weights: list[torch.Tensor] | None = None
+    evals_since: int = 0
 
 
-def classification_metrics(gold: list[int], pred: list[int], names: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
-    k = len(names)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    for g, p in zip(gold, pred):
-        confusion[g, p] += 1
-    tp = np.diag(confusion).astype(float)
-    precision = np.divide(tp, confusion.sum(0), out=np.zeros(k), where=confusion.sum(0) > 0)
-    recall = np.divide(tp, confusion.sum(1), out=np.zeros(k), where=confusion.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = confusion.sum(1) > 0  # macro over the classes that occur in the gold labels
-    return {
-        "accuracy": float(tp.sum() / max(len(gold), 1)),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            n: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(confusion[i].sum()),
-            }
-            for i, n in enumerate(names)
-        },
-        "confusion_matrix": confusion.tolist(),
-    }
+@dataclass
+class Setup:
+    """What :func:`setup` builds for the loop."""
+
+    cfg: FinetuneConfig
+    world: World
+    run_dir: Path
+    tokenizer: Any
+    names: list[str]
+    train: Split
+    validation: Split | None
+    test: Split
+    engine: Any
+    family: str
+    tracker: Tracker
+    num_trainable: int
+    num_params: int
+    accum: int
+    lengths: np.ndarray
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def held(self) -> list[torch.Tensor]:
+        """The trainable weights this rank holds (its ZeRO-3 partition, or the whole tensor)."""
+        return [getattr(p, "ds_tensor", p) for p in self.trainable]
 
 
-def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (kept, held out): a seeded ``fraction`` of each class is held out."""
-    rng = np.random.default_rng(seed)
-    keep, held = [], []
-    for c in sorted(set(labels)):
-        idx = [i for i, y in enumerate(labels) if y == c]
-        rng.shuffle(idx)
-        n = int(round(len(idx) * fraction))
-        held += idx[:n]
-        keep += idx[n:]
-    return sorted(keep), sorted(held)
+# --------------------------------------------------------------------------- setup
 
 
-def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Split]:
-    """Label names and the train / validation / test splits (validation may be None)."""
-    task = cfg.task
+def setup(cfg: FinetuneConfig, world: World) -> Setup:
+    """Tokenizer, splits, the classifier with its adapters, the engine and the tracker."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    def read(path: str) -> tuple[list[str], list[str], list[str] | None]:
-        got = read_examples(path, task.text_column, task.label_column, task.text_pair_column)
-        return got[0], got[1], (got[2] if task.text_pair_column else None)
-
-    texts, raw, pairs = read(task.train_file)
-    names = label_order(raw)
-    index = {n: i for i, n in enumerate(names)}
-    train = Split(texts, pairs, [index[y] for y in raw])
-
-    def other(path: str) -> Split:
-        t, r, p = read(path)
-        unseen = sorted(set(r) - set(index))
-        if unseen:
-            raise DataError(f"{path}: labels {unseen[:10]} never occur in {task.train_file}")
-        return Split(t, p, [index[y] for y in r])
-
-    if task.test_file:
-        test = other(task.test_file)
-    else:
-        keep, held = stratified_split(train.labels, task.test_fraction, cfg.optim.seed + 1)
-        train, test = train.take(keep), train.take(held)
-    validation = None
-    if task.validation_file:
-        validation = other(task.validation_file)
-    elif task.validation_fraction > 0 and cfg.eval_every_steps > 0:
-        keep, held = stratified_split(train.labels, task.validation_fraction, cfg.optim.seed + 2)
-        train, validation = train.take(keep), train.take(held)
-    if task.train_examples is not None and task.train_examples < len(train.labels):
-        _, sample = stratified_split(train.labels, task.train_examples / len(train.labels), cfg.optim.seed + 3)
-        train = train.take(sample)
-    return names, train, validation, test
-
-
-def pooling_kwargs(family: str, pooling: str, where) -> dict:
-    """Config overrides that make the classifier pool the way ``pooling`` says."""
-    if family == "modernbert":
-        return {"classifier_pooling": pooling}
-    if pooling != "cls":
-        raise DataError(
-            f"pooling: {pooling!r} needs a ModernBERT model; {where} is a {family} model, whose classifier reads the "
-            "first token (use pooling: cls)"
-        )
-    return {}
-
-
-def build_model(cfg: FinetuneConfig, names: list[str], ds: dict):
-    """The classifier on the base model, with what trains chosen by ``cfg.peft.method``."""
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    base = Path(cfg.base_model)
-    if not any(
-        (base / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    ):
-        raise DataError(
-            f"base model {base} has no weights (model.safetensors); point base_model at an HF model directory"
-        )
-    family = models.family_of(AutoConfig.from_pretrained(str(base)))
-    with engine_lib.model_init_context(ds):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(base),
-            num_labels=len(names),
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-            attn_implementation="sdpa",
-            **pooling_kwargs(family, cfg.pooling, base),
-        )
-    head = models.HEAD_MODULES[family]
-    method = cfg.peft.method
-    if method == "full":
-        return model, family
-    if method == "head":
-        for name, p in model.named_parameters():
-            p.requires_grad = any(name == h or name.startswith(h + ".") for h in head)
-        return model, family
-    if method == "lora":
-        peft_cfg = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=cfg.peft.r,
-            lora_alpha=cfg.peft.alpha,
-            lora_dropout=cfg.peft.dropout,
-            use_rslora=cfg.peft.rslora,
-            use_dora=cfg.peft.dora,
-            target_modules=cfg.peft.target_modules or models.LORA_TARGETS[family],
-            modules_to_save=head,
-        )
-    else:
-        targets, feedforward = models.IA3_TARGETS[family]
-        peft_cfg = IA3Config(
-            task_type=TaskType.SEQ_CLS,
-            target_modules=cfg.peft.target_modules or targets,
-            feedforward_modules=feedforward if not cfg.peft.target_modules else [],
-            modules_to_save=head,
-        )
-    return get_peft_model(model, peft_cfg), family
-
-
-def _bucketed(order: np.ndarray, lengths: np.ndarray, global_batch: int, window: int = 50) -> np.ndarray:
-    """Reorder so that each global batch holds examples of similar length: sort by length
-    within windows of ``window`` global batches, then shuffle the batches of the window."""
-    out = []
-    span = global_batch * window
-    rng = np.random.default_rng(int(order[0]) if len(order) else 0)
-    for lo in range(0, len(order), span):
-        chunk = order[lo : lo + span]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches = [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
-        full = [b for b in batches if len(b) == global_batch]
-        rng.shuffle(full)
-        out.extend(full + [b for b in batches if len(b) != global_batch])
-    return np.concatenate(out) if out else order
-
-
-def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_checkpoint=None) -> dict | None:
-    """Finetune on every rank; returns the summary on rank 0 (None elsewhere)."""
-    from transformers import AutoTokenizer
-
-    # 1. validate, set up, read the data
-    cfg.check()
-    engine_lib.init_distributed(world, cfg.scaling)
-    torch.manual_seed(cfg.optim.seed)
-    run_dir = Path(cfg.run_dir)
     if not cfg.base_model:
         raise DataError("finetune.base_model is not set: point it at an HF model directory (e.g. a pretraining export)")
-    if (
-        not Path(cfg.base_model, "tokenizer_config.json").is_file()
-        and not Path(cfg.base_model, "tokenizer.json").is_file()
-    ):
+    if not any(Path(cfg.base_model, f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
         raise DataError(f"base model {cfg.base_model} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     names, train, validation, test = load_splits(cfg)
-    accum = grad_accum_steps(cfg.optim, cfg.scaling)
-    micro = cfg.optim.micro_batch_size_per_rank
-
+    if len(train) < cfg.optim.global_batch_size:
+        raise DataError(
+            f"{cfg.task.train_file}: {len(train)} training examples are fewer than one global batch of "
+            f"{cfg.optim.global_batch_size}"
+        )
+    run_dir = Path(cfg.run_dir)
     tracker = Tracker(run_dir, cfg.tracking, world, config=to_dict(cfg), job_type="finetune")
     heartbeat(run_dir, world.rank, 0, "setup")
     try:
-        # 2. model (+ adapters) and engine
-        from transformers import AutoConfig
-
-        ds = engine_lib.ds_config(
-            cfg.optim, cfg.zero, cfg.scaling, hidden_size=AutoConfig.from_pretrained(cfg.base_model).hidden_size
-        )
-        model, family = build_model(cfg, names, ds)
-        trainable, total = models.num_params(model, trainable_only=True), models.num_params(model)
+        hidden_size = AutoConfig.from_pretrained(cfg.base_model).hidden_size
+        ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=hidden_size)
+        model, family = adapters.build_classifier(cfg, names, ds)
+        num_trainable, num_params = models.num_params(model, trainable_only=True), models.num_params(model)
         engine = engine_lib.initialize(model, cfg.optim, ds)
-        if world.is_rank_zero:
-            log.info(
-                "%s %s: %s of %s parameters train (%.2f%%); %d labels; %d train / %d validation / %d test; %s",
-                family,
-                cfg.peft.method,
-                f"{trainable:,}",
-                f"{total:,}",
-                100 * trainable / total,
-                len(names),
-                len(train),
-                len(validation or []),
-                len(test),
-                batch_arithmetic(cfg.optim, cfg.scaling),
-            )
-
-        def encode(split: Split, idx: list[int]):
-            texts = [split.texts[i] for i in idx]
-            pairs = [split.pairs[i] for i in idx] if split.pairs is not None else None
-            enc = tokenizer(
-                texts, pairs, truncation=True, max_length=cfg.task.max_length, padding=True, return_tensors="pt"
-            )
-            return {
-                k: v.to(engine.device)
-                for k, v in enc.items()
-                if k in ("input_ids", "attention_mask", "token_type_ids")
-                and (k != "token_type_ids" or family == "bert")
-            }
-
-        def predict(split: Split) -> list[int]:
-            """Predictions for a split. Collective: every rank runs the same number of forwards."""
-            engine.eval()
-            num_batches = math.ceil(len(split) / micro)
-            mine: list[tuple[int, int]] = []
-            with torch.no_grad():
-                for r in range(math.ceil(num_batches / world.world_size)):
-                    b = r * world.world_size + world.rank
-                    real = b < num_batches
-                    idx = list(range(b * micro, min((b + 1) * micro, len(split)))) if real else [0]
-                    logits = engine(**encode(split, idx)).logits
-                    if real:
-                        mine += list(zip(idx, logits.argmax(-1).tolist()))
-            engine.train()
-            got = dict(p for part in all_gather_object(mine) for p in part)
-            return [got[i] for i in range(len(split))]
-
-        # the trainable weights this rank holds (its ZeRO-3 partition, or the whole tensor)
-        held = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-        snapshot = lambda: [(getattr(p, "ds_tensor", p).detach().clone()) for _, p in held]  # noqa: E731
-
-        # 3. the loop: global batch g of an epoch is order[g*G:(g+1)*G]; rank r takes its part
-        G = cfg.optim.global_batch_size
-        steps_per_epoch = len(train) // G
-        if steps_per_epoch == 0:
-            raise DataError(
-                f"{cfg.task.train_file}: {len(train)} training examples are fewer than one global batch of {G}"
-            )
-        lengths = np.array(
-            [
-                len(t) + (len(p) if train.pairs is not None else 0)
-                for t, p in zip(train.texts, train.pairs or train.texts)
-            ]
+    except BaseException:
+        tracker.close()
+        raise
+    if world.is_rank_zero:
+        log.info(
+            "%s %s: %s of %s parameters train (%.2f%%); %d labels; %d train / %d validation / %d test; %s",
+            family,
+            cfg.peft.method,
+            f"{num_trainable:,}",
+            f"{num_params:,}",
+            100 * num_trainable / num_params,
+            len(names),
+            len(train),
+            len(validation or []),
+            len(test),
+            batch_arithmetic(cfg.optim, cfg.scaling),
         )
-        start = last_time = time.perf_counter()
-        loss_acc, loss_n, last_step = 0.0, 0, 0
-        best, best_step, best_weights, evals_since_best = -1.0, 0, None, 0
-        step = 0
-        engine.train()
+    pairs = train.pairs or [""] * len(train)
+    return Setup(
+        cfg=cfg,
+        world=world,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        names=names,
+        train=train,
+        validation=validation,
+        test=test,
+        engine=engine,
+        family=family,
+        tracker=tracker,
+        num_trainable=num_trainable,
+        num_params=num_params,
+        accum=grad_accum_steps(cfg.optim, cfg.scaling),
+        lengths=np.array([len(t) + len(p) for t, p in zip(train.texts, pairs)]),
+        trainable=[p for p in engine.module.parameters() if p.requires_grad],
+    )
+
+
+# --------------------------------------------------------------------------- batches and predictions
+
+
+def encode(s: Setup, split: Split, idx: list[int]) -> dict[str, torch.Tensor]:
+    """Model inputs for examples ``idx`` of a split, padded to the longest of them."""
+    texts = [split.texts[i] for i in idx]
+    pairs = [split.pairs[i] for i in idx] if split.pairs is not None else None
+    enc = s.tokenizer(
+        texts, pairs, truncation=True, max_length=s.cfg.task.max_length, padding=True, return_tensors="pt"
+    )
+    keep = ("input_ids", "attention_mask") + (("token_type_ids",) if s.family == "bert" else ())
+    return {k: v.to(s.engine.device) for k, v in enc.items() if k in keep}
+
+
+@torch.no_grad()
+def predict(s: Setup, split: Split) -> list[int]:
+    """Predicted label ids of a split. Collective: every rank runs the same number of forwards."""
+    micro = s.cfg.optim.micro_batch_size_per_rank
+    s.engine.eval()
+    mine: list[tuple[int, int]] = []
+    for rows in collective_batches(len(split), micro, s.world):
+        idx = list(range(rows.start, rows.stop)) if rows is not None else [0]
+        logits = s.engine(**encode(s, split, idx)).logits
+        if rows is not None:
+            mine += list(zip(idx, logits.argmax(-1).tolist()))
+    s.engine.train()
+    got = dict(p for part in all_gather_object(mine) for p in part)
+    return [got[i] for i in range(len(split))]
+
+
+# --------------------------------------------------------------------------- the step, validation
+
+
+def train_step(s: Setup, step: int) -> tuple[int, float, int]:
+    """One optimizer step (1-based ``step``): this rank's slices of the step's global batch.
+
+    Returns (epoch, sum of the micro-batch losses, number of micro batches)."""
+    cfg, world, micro = s.cfg, s.world, s.cfg.optim.micro_batch_size_per_rank
+    epoch, batch = batch_of_step(
+        step, lengths=s.lengths, global_batch_size=cfg.optim.global_batch_size, seed=cfg.optim.seed
+    )
+    loss_sum = 0.0
+    for m in range(s.accum):
+        lo = (m * world.world_size + world.rank) * micro
+        ids = batch[lo : lo + micro].tolist()
+        labels = torch.tensor([s.train.labels[i] for i in ids], device=s.engine.device)
+        out = s.engine(**encode(s, s.train, ids), labels=labels)
+        s.engine.backward(out.loss)
+        s.engine.step()
+        loss_sum += out.loss.item()
+    return epoch, loss_sum, s.accum
+
+
+def validate(s: Setup, step: int, best: Best) -> bool:
+    """Score the validation split, keep the best weights; whether to stop early (collective)."""
+    cfg = s.cfg
+    heartbeat(s.run_dir, s.world.rank, step, "eval")
+    scores = classification_metrics(s.validation.labels, predict(s, s.validation), s.names)
+    s.tracker.log({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}, step)
+    if scores[cfg.metric] > best.score:
+        best.score, best.step, best.evals_since = scores[cfg.metric], step, 0
+        best.weights = [w.detach().clone() for w in s.held()]
+    else:
+        best.evals_since += 1
+    stop = broadcast_object(bool(cfg.early_stopping_patience and best.evals_since >= cfg.early_stopping_patience))
+    if stop and s.world.is_rank_zero:
+        log.info(
+            "[%s] early stop at step %d: no better validation %s since step %d", cfg.name, step, cfg.metric, best.step
+        )
+    return stop
+
+
+def restore_best(s: Setup, best: Best, step: int) -> None:
+    """Put the best validation weights back for the test (when they are not the last)."""
+    if best.weights is None or best.step == step:
+        return
+    with torch.no_grad():
+        for w, saved in zip(s.held(), best.weights):
+            w.copy_(saved)
+    if s.world.is_rank_zero:
+        log.info(
+            "[%s] testing the best weights: step %d, validation %s %.4f",
+            s.cfg.name,
+            best.step,
+            s.cfg.metric,
+            best.score,
+        )
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_checkpoint=None) -> dict | None:
+    """Finetune on every rank; returns the summary on rank 0 (None elsewhere).
+
+    ``on_checkpoint`` is never called: finetune jobs write no checkpoints. A ``resume_dir`` is
+    refused (there is nothing a finetune job could resume from).
+    """
+    # 1. validate and set up
+    cfg.check()
+    if resume_dir is not None:
+        raise DataError(f"finetune[{cfg.name}]: finetune jobs write no checkpoints; {resume_dir} cannot be resumed")
+    engine_lib.init_distributed(world, cfg.scaling)
+    torch.manual_seed(cfg.optim.seed)
+    s = setup(cfg, world)
+    try:
+        # 2. the loop: global batch g of an epoch is order[g*G:(g+1)*G]; rank r takes its part
+        start = window_time = time.perf_counter()
+        loss_sum, num_micro, window_step, step = 0.0, 0, 0, 0
+        best = Best()
+        s.engine.train()
         for step in range(1, cfg.optim.max_steps + 1):
-            epoch, g = divmod(step - 1, steps_per_epoch)
-            order = _bucketed(np.random.default_rng([cfg.optim.seed, epoch]).permutation(len(train)), lengths, G)
-            batch = order[g * G : (g + 1) * G]
-            for m in range(accum):
-                lo = (m * world.world_size + world.rank) * micro
-                ids = batch[lo : lo + micro].tolist()
-                out = engine(
-                    **encode(train, ids), labels=torch.tensor([train.labels[i] for i in ids], device=engine.device)
-                )
-                engine.backward(out.loss)
-                engine.step()
-                loss_acc += out.loss.item()
-                loss_n += 1
-            heartbeat(run_dir, world.rank, step)
+            epoch, loss, n = train_step(s, step)
+            loss_sum, num_micro = loss_sum + loss, num_micro + n
+            heartbeat(s.run_dir, world.rank, step)
             if step % cfg.tracking.log_every_steps == 0 or step == cfg.optim.max_steps:
                 now = time.perf_counter()
-                total_loss, n = all_reduce_sum([loss_acc, loss_n])
-                metrics = {
-                    "train_loss": total_loss / max(n, 1),
-                    "lr": engine.get_lr()[0],
-                    "examples_per_s": G * (step - last_step) / (now - last_time),
-                    "epoch": epoch,
-                    "peak_memory_mb": engine_lib.peak_memory_mb(cfg.scaling),
-                }
-                tracker.log(metrics, step)
-                if world.is_rank_zero:
-                    log.info(
-                        "[%s] step %d/%d | loss %.4f | lr %.2e | %.0f examples/s",
-                        cfg.name,
-                        step,
-                        cfg.optim.max_steps,
-                        metrics["train_loss"],
-                        metrics["lr"],
-                        metrics["examples_per_s"],
-                    )
-                loss_acc, loss_n, last_step, last_time = 0.0, 0, step, now
-            if validation is not None and (step % cfg.eval_every_steps == 0 or step == cfg.optim.max_steps):
-                heartbeat(run_dir, world.rank, step, "eval")
-                scores = classification_metrics(validation.labels, predict(validation), names)
-                tracker.log({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}, step)
-                if scores[cfg.metric] > best:
-                    best, best_step, best_weights, evals_since_best = scores[cfg.metric], step, snapshot(), 0
-                else:
-                    evals_since_best += 1
-                stop = cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience
-                if broadcast_object(bool(stop)):
-                    if world.is_rank_zero:
-                        log.info(
-                            "[%s] early stop at step %d: no better validation %s since step %d",
-                            cfg.name,
-                            step,
-                            cfg.metric,
-                            best_step,
-                        )
+                log_metrics(s, step, epoch, loss_sum, num_micro, (step - window_step) / (now - window_time))
+                loss_sum, num_micro, window_step, window_time = 0.0, 0, step, now
+            if s.validation is not None and (step % cfg.eval_every_steps == 0 or step == cfg.optim.max_steps):
+                if validate(s, step, best):
                     break
         train_time_s = time.perf_counter() - start
-        if best_weights is not None and best_step != step:
-            with torch.no_grad():
-                for (_, p), w in zip(held, best_weights):
-                    getattr(p, "ds_tensor", p).copy_(w)
-            if world.is_rank_zero:
-                log.info(
-                    "[%s] testing the best weights: step %d, validation %s %.4f", cfg.name, best_step, cfg.metric, best
-                )
+        restore_best(s, best, step)
 
-        # 4. test predictions
-        heartbeat(run_dir, world.rank, step, "test")
-        pred = predict(test)
-
-        # 5. save the adapter (or the full model); gathering is collective
-        heartbeat(run_dir, world.rank, step, "export")
-        state = engine_lib.full_state_dict(engine, trainable_only=cfg.peft.method in ("lora", "ia3"))
-        key = "adapter" if cfg.peft.method in ("lora", "ia3") else "model"
-        out_dir = run_dir / key
-        if world.is_rank_zero:
-            if key == "model":
-                models.save_hf(engine.module, state, tokenizer, out_dir)
-            else:
-                engine.module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(out_dir)
-            (out_dir / "labels.json").write_text(json.dumps(names))
-            (out_dir / "classifier.json").write_text(json.dumps({"pooling": cfg.pooling}))
-        barrier()
+        # 3. test predictions, then the adapter (or model): gathering is collective
+        heartbeat(s.run_dir, world.rank, step, "test")
+        pred = predict(s, s.test)
+        heartbeat(s.run_dir, world.rank, step, "export")
+        artifacts = export(s)
         if not world.is_rank_zero:
             return None
-
-        # 6. metrics, predictions file, merged export, summary
-        scores = classification_metrics(test.labels, pred, names)
-        with open(run_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["text"] + (["text_pair"] if test.pairs is not None else []) + ["label", "prediction"])
-            for i, (t, y, p) in enumerate(zip(test.texts, test.labels, pred)):
-                writer.writerow([t] + ([test.pairs[i]] if test.pairs is not None else []) + [names[y], names[p]])
-        (run_dir / "eval.json").write_text(json.dumps(dict(scores, labels=names), indent=1))
-        artifacts = {
-            key: str(out_dir.resolve()),
-            "predictions": str((run_dir / "predictions.csv").resolve()),
-            "base_model": cfg.base_model,
-        }
-        if cfg.export_merged and key == "adapter":
-            artifacts["merged_model"] = str(merge_adapter(out_dir, run_dir / "merged").resolve())
-        majority = max(np.bincount(test.labels, minlength=len(names))) / len(test)
-        summary = {
-            "test_accuracy": scores["accuracy"],
-            "test_macro_f1": scores["macro_f1"],
-            "test_majority_class_accuracy": float(majority),
-            "num_test_examples": len(test),
-            "trainable_params": trainable,
-            "total_params": total,
-            "steps": step,
-            "best_step": best_step if best_weights is not None else step,
-            "best_val_" + cfg.metric: best if best_weights is not None else None,
-            "train_time_s": train_time_s,
-        }
-        tracker.log({k: v for k, v in summary.items() if k.startswith("test_")}, step)
-        write_summary(run_dir, summary, artifacts)
-        log.info(
-            "[%s] test accuracy %.4f | macro-F1 %.4f | majority class %.4f",
-            cfg.name,
-            scores["accuracy"],
-            scores["macro_f1"],
-            majority,
-        )
-        return {"metrics": summary}
+        return write_results(s, pred, artifacts, best, step, train_time_s)
     finally:
-        tracker.close()
+        s.tracker.close()
 
 
-def load_classifier(model_dir: str | Path):
-    """(model, tokenizer, labels) from a saved adapter (with its base model) or a full model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    labels_file = model_dir / "labels.json"
-    if not labels_file.is_file():
-        raise DataError(f"{model_dir} has no labels.json: it is not an adapter or model written by `ptft finetune`")
-    names = json.loads(labels_file.read_text())
-    kw = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    head_file = model_dir / "classifier.json"
-    pooling = json.loads(head_file.read_text())["pooling"] if head_file.is_file() else "cls"
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-        from transformers import AutoConfig
-
-        base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        if not Path(base).is_dir():
-            raise DataError(f"{model_dir}: its base model {base} is not a directory here")
-        kw.update(pooling_kwargs(models.family_of(AutoConfig.from_pretrained(base)), pooling, base))
-        model = PeftModel.from_pretrained(
-            AutoModelForSequenceClassification.from_pretrained(base, **kw), str(model_dir)
+def log_metrics(s: Setup, step: int, epoch: int, loss_sum: float, num_micro: int, steps_per_s: float) -> None:
+    """The window's mean train loss over all ranks, and its speed (collective)."""
+    cfg = s.cfg
+    total_loss, n = all_reduce_sum([loss_sum, num_micro])
+    metrics = {
+        "train_loss": total_loss / max(n, 1),
+        "lr": s.engine.get_lr()[0],
+        "examples_per_s": cfg.optim.global_batch_size * steps_per_s,
+        "epoch": epoch,
+        "peak_memory_mb": engine_lib.peak_memory_mb(cfg.scaling),
+    }
+    s.tracker.log(metrics, step)
+    if s.world.is_rank_zero:
+        log.info(
+            "[%s] step %d/%d | loss %.4f | lr %.2e | %.0f examples/s",
+            cfg.name,
+            step,
+            cfg.optim.max_steps,
+            metrics["train_loss"],
+            metrics["lr"],
+            metrics["examples_per_s"],
         )
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), names
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Fold the adapter into the base weights: a plain HF classifier directory."""
-    model, tokenizer, names = load_classifier(adapter_dir)
-    merged = model.merge_and_unload()
-    out = Path(out_dir)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "labels.json").write_text(json.dumps(names))
-    return out
+def export(s: Setup) -> dict[str, str]:
+    """Save the adapter (or the full model) with its labels; collective gather, rank 0 writes."""
+    cfg = s.cfg
+    adapter = cfg.peft.method in ("lora", "ia3")
+    state = engine_lib.full_state_dict(s.engine, s.world, trainable_only=adapter)
+    key = "adapter" if adapter else "model"
+    out_dir = s.run_dir / key
+    if s.world.is_rank_zero:
+        if adapter:
+            s.engine.module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+            s.tokenizer.save_pretrained(out_dir)
+        else:
+            models.save_hf(s.engine.module, state, s.tokenizer, out_dir)
+        (out_dir / "labels.json").write_text(json.dumps(s.names))
+        (out_dir / "classifier.json").write_text(json.dumps({"pooling": cfg.pooling}))
+    barrier()
+    artifacts = {key: str(out_dir.resolve())}
+    if s.world.is_rank_zero and cfg.export_merged and adapter:
+        artifacts["merged_model"] = str(adapters.merge_adapter(out_dir, s.run_dir / "merged").resolve())
+    return artifacts
+
+
+def write_results(s: Setup, pred: list[int], artifacts: dict, best: Best, step: int, train_time_s: float) -> dict:
+    """Test metrics, the predictions file, eval.json and the summary (rank 0)."""
+    cfg, test, names = s.cfg, s.test, s.names
+    scores = classification_metrics(test.labels, pred, names)
+    predictions = s.run_dir / "predictions.csv"
+    with open(predictions, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text"] + (["text_pair"] if test.pairs is not None else []) + ["label", "prediction"])
+        for i, (t, y, p) in enumerate(zip(test.texts, test.labels, pred)):
+            writer.writerow([t] + ([test.pairs[i]] if test.pairs is not None else []) + [names[y], names[p]])
+    (s.run_dir / "eval.json").write_text(json.dumps(dict(scores, labels=names), indent=1))
+    artifacts = dict(artifacts, predictions=str(predictions.resolve()), base_model=cfg.base_model)
+    majority = max(np.bincount(test.labels, minlength=len(names))) / len(test)
+    summary = {
+        "test_accuracy": scores["accuracy"],
+        "test_macro_f1": scores["macro_f1"],
+        "test_majority_class_accuracy": float(majority),
+        "num_test_examples": len(test),
+        "trainable_params": s.num_trainable,
+        "total_params": s.num_params,
+        "steps": step,
+        "best_step": best.step if best.weights is not None else step,
+        "best_val_" + cfg.metric: best.score if best.weights is not None else None,
+        "train_time_s": train_time_s,
+    }
+    s.tracker.log({k: v for k, v in summary.items() if k.startswith("test_")}, step)
+    write_summary(s.run_dir, summary, artifacts)
+    log.info(
+        "[%s] test accuracy %.4f | macro-F1 %.4f | majority class %.4f",
+        cfg.name,
+        scores["accuracy"],
+        scores["macro_f1"],
+        majority,
+    )
+    return {"metrics": summary}

@@ -1,0 +1,105 @@
+"""Classifiers on an encoder: what trains (LoRA, IA3, the head, everything) through
+``peft``, and loading or merging what ``ptft finetune`` saved. Functions over HF models; no
+distributed code, no file layout beyond the adapter directory's own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import engine as engine_lib
+from . import models
+from .config import FinetuneConfig
+from .data.errors import DataError
+
+
+def build_classifier(cfg: FinetuneConfig, names: list[str], ds: dict):
+    """The classifier on the base model, with what trains chosen by ``cfg.peft.method``."""
+    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    base = Path(cfg.base_model)
+    if not any(
+        (base / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    ):
+        raise DataError(
+            f"base model {base} has no weights (model.safetensors); point base_model at an HF model directory"
+        )
+    family = models.family_of(AutoConfig.from_pretrained(str(base)))
+    with engine_lib.model_init_context(ds):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base),
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            attn_implementation="sdpa",
+            **models.pooling_kwargs(family, cfg.pooling, base),
+        )
+    head = models.HEAD_MODULES[family]
+    method = cfg.peft.method
+    if method == "full":
+        return model, family
+    if method == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad = any(name == h or name.startswith(h + ".") for h in head)
+        return model, family
+    if method == "lora":
+        peft_cfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=cfg.peft.r,
+            lora_alpha=cfg.peft.alpha,
+            lora_dropout=cfg.peft.dropout,
+            use_rslora=cfg.peft.rslora,
+            use_dora=cfg.peft.dora,
+            target_modules=cfg.peft.target_modules or models.LORA_TARGETS[family],
+            modules_to_save=head,
+        )
+    else:
+        targets, feedforward = models.IA3_TARGETS[family]
+        peft_cfg = IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=cfg.peft.target_modules or targets,
+            feedforward_modules=feedforward if not cfg.peft.target_modules else [],
+            modules_to_save=head,
+        )
+    return get_peft_model(model, peft_cfg), family
+
+
+def load_classifier(model_dir: str | Path):
+    """(model, tokenizer, labels) from a saved adapter (with its base model) or a full model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    labels_file = model_dir / "labels.json"
+    if not labels_file.is_file():
+        raise DataError(f"{model_dir} has no labels.json: it is not an adapter or model written by `ptft finetune`")
+    names = json.loads(labels_file.read_text())
+    kw = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    head_file = model_dir / "classifier.json"
+    pooling = json.loads(head_file.read_text())["pooling"] if head_file.is_file() else "cls"
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+        from transformers import AutoConfig
+
+        base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if not Path(base).is_dir():
+            raise DataError(f"{model_dir}: its base model {base} is not a directory here")
+        kw.update(models.pooling_kwargs(models.family_of(AutoConfig.from_pretrained(base)), pooling, base))
+        model = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(base, **kw), str(model_dir)
+        )
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir)), names
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the adapter into the base weights: a plain HF classifier directory."""
+    model, tokenizer, names = load_classifier(adapter_dir)
+    merged = model.merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "labels.json").write_text(json.dumps(names))
+    return out

@@ -1,0 +1,138 @@
+"""What a classification task is, apart from any model: its splits (read, stratified,
+sampled), the order in which training examples are batched, and the metrics of predictions.
+
+Owns nothing distributed and imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import FinetuneConfig
+from .data.errors import DataError
+from .data.labeled import label_order, read_examples
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int]
+
+    def take(self, idx) -> Split:
+        idx = list(idx)
+        return Split(
+            [self.texts[i] for i in idx],
+            [self.pairs[i] for i in idx] if self.pairs is not None else None,
+            [self.labels[i] for i in idx],
+        )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def classification_metrics(gold: list[int], pred: list[int], names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+    k = len(names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    for g, p in zip(gold, pred):
+        confusion[g, p] += 1
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros(k), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros(k), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = confusion.sum(1) > 0  # macro over the classes that occur in the gold labels
+    return {
+        "accuracy": float(tp.sum() / max(len(gold), 1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            n: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(confusion[i].sum()),
+            }
+            for i, n in enumerate(names)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, held out): a seeded ``fraction`` of each class is held out."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == c]
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        held += idx[:n]
+        keep += idx[n:]
+    return sorted(keep), sorted(held)
+
+
+def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Split]:
+    """Label names and the train / validation / test splits (validation may be None)."""
+    task = cfg.task
+
+    def read(path: str) -> tuple[list[str], list[str], list[str] | None]:
+        got = read_examples(path, task.text_column, task.label_column, task.text_pair_column)
+        return got[0], got[1], (got[2] if task.text_pair_column else None)
+
+    texts, raw, pairs = read(task.train_file)
+    names = label_order(raw)
+    index = {n: i for i, n in enumerate(names)}
+    train = Split(texts, pairs, [index[y] for y in raw])
+
+    def other(path: str) -> Split:
+        t, r, p = read(path)
+        unseen = sorted(set(r) - set(index))
+        if unseen:
+            raise DataError(f"{path}: labels {unseen[:10]} never occur in {task.train_file}")
+        return Split(t, p, [index[y] for y in r])
+
+    if task.test_file:
+        test = other(task.test_file)
+    else:
+        keep, held = stratified_split(train.labels, task.test_fraction, cfg.optim.seed + 1)
+        train, test = train.take(keep), train.take(held)
+    validation = None
+    if task.validation_file:
+        validation = other(task.validation_file)
+    elif task.validation_fraction > 0 and cfg.eval_every_steps > 0:
+        keep, held = stratified_split(train.labels, task.validation_fraction, cfg.optim.seed + 2)
+        train, validation = train.take(keep), train.take(held)
+    if task.train_examples is not None and task.train_examples < len(train.labels):
+        _, sample = stratified_split(train.labels, task.train_examples / len(train.labels), cfg.optim.seed + 3)
+        train = train.take(sample)
+    return names, train, validation, test
+
+
+def bucketed_order(order: np.ndarray, lengths: np.ndarray, global_batch: int, window: int = 50) -> np.ndarray:
+    """Reorder so that each global batch holds examples of similar length: sort by length
+    within windows of ``window`` global batches, then shuffle the batches of the window."""
+    out = []
+    span = global_batch * window
+    rng = np.random.default_rng(int(order[0]) if len(order) else 0)
+    for lo in range(0, len(order), span):
+        chunk = order[lo : lo + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
+        full = [b for b in batches if len(b) == global_batch]
+        rng.shuffle(full)
+        out.extend(full + [b for b in batches if len(b) != global_batch])
+    return np.concatenate(out) if out else order
+
+
+def batch_of_step(step: int, *, lengths: np.ndarray, global_batch_size: int, seed: int) -> tuple[int, np.ndarray]:
+    """(epoch, example indices) of the global batch of 1-based ``step``.
+
+    Epoch e orders the examples by a permutation seeded by (seed, e), bucketed by length
+    (:func:`bucketed_order`), and cuts that order into global batches (the rest is dropped);
+    the same on every rank and world size."""
+    steps_per_epoch = len(lengths) // global_batch_size
+    epoch, g = divmod(step - 1, steps_per_epoch)
+    order = bucketed_order(np.random.default_rng([seed, epoch]).permutation(len(lengths)), lengths, global_batch_size)
+    return epoch, order[g * global_batch_size : (g + 1) * global_batch_size]
