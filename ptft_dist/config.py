@@ -111,6 +111,11 @@ class DataBuildConfig:
         "stops with an error naming it; `skip` leaves it out, counted per source in the manifest.",
     )
     mongo: MongoSourceConfig = f(factory=MongoSourceConfig, doc="Reading `mongodb://host/db.collection` inputs.")
+    engine: Literal["local", "ray"] = f(
+        "local",
+        "`local`: tokenize with processes on this machine. `ray`: tokenize on Ray actors over the cluster's nodes "
+        "(one per CPU, or `num_proc`); the driver reads and writes, so the shards are those of a local build.",
+    )
 
     def check(self, path: str) -> None:
         _positive(path, "seq_len", self.seq_len, minimum=8)

@@ -329,3 +329,38 @@ def test_a_webdataset_corpus_over_http_and_its_errors(tmp_path, tiny_dataset):
     (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     with pytest.raises(DataError, match=r"junk\.tar: not a readable tar shard"):
         build(_cfg([tmp_path / "junk.tar"], tok), tmp_path / "junk", progress=False)
+
+
+# --------------------------------------------------------------------------- the build on Ray
+
+
+@pytest.mark.dist
+def test_a_ray_build_on_two_nodes_equals_the_local_build(tmp_path, tiny_dataset):
+    """data.engine=ray on a 2-node ray.cluster_utils.Cluster (1 CPU each): the actors run on
+    both nodes and the shards are byte for byte those of the local build."""
+    import os
+    import tempfile
+
+    source = tmp_path / "corpus.txt"
+    source.write_text("\n".join(_documents(4000, seed=5)) + "\n")  # 4 batches: several actors get work
+    ray_tmp = tempfile.mkdtemp(prefix="ptft-rb-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    root = Path(__file__).resolve().parent.parent
+    try:
+        r = subprocess.run(
+            [sys.executable, root / "tests" / "_ray_build.py", tmp_path / "out", "2", source]
+            + [tiny_dataset / "tokenizer", "32"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+    assert len(result["nodes"]) == 2 and result["actor_nodes"] == result["nodes"], "actors on both nodes"
+    assert len(result["ray_shards"]) > 3 and result["ray_shards"] == result["local_shards"]

@@ -428,8 +428,18 @@ def _nothing_usable(sources: list[Source], skipped: dict[str, int]) -> str:
 # --------------------------------------------------------------------------- build
 
 
-def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Build a dataset directory; returns the manifest. Raises DataError on bad input."""
+def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True, address: str | None = None) -> dict:
+    """Build a dataset directory; returns the manifest. Raises DataError on bad input.
+    With ``data.engine: ray`` the tokenizing runs on the Ray cluster at ``address`` (or the
+    session already open; else a local one is started for the build)."""
+    if cfg.engine == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            from .. import launcher
+
+            with launcher.session(address):
+                return build(cfg, out_dir, progress=progress)
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds a dataset ({MANIFEST}); choose another output directory or remove it")
@@ -483,7 +493,12 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True) -
     packers = {s: _Packer(cfg.seq_len, ids["cls"], writers[s]) for s in writers}
     num_docs = {"train": 0, "valid": 0}
     num_proc = default_num_proc() if cfg.num_proc is None else cfg.num_proc
-    encoder = _Encoder(tok_dir / "tokenizer.json", ids["sep"], num_proc)
+    if cfg.engine == "ray":
+        from .raybuild import RayEncoder
+
+        encoder = RayEncoder(tok_dir / "tokenizer.json", ids["sep"], cfg.num_proc or None)
+    else:
+        encoder = _Encoder(tok_dir / "tokenizer.json", ids["sep"], num_proc)
     mix = Mix(sources, **read)
     phase = _PhaseProgress("tokenize + pack", mix, sources, progress)
     start, num_tokens, num_bytes = time.perf_counter(), 0, 0
