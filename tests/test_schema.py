@@ -1,0 +1,44 @@
+"""The JSON Schema of the configs (``ptft config schema``) agrees with the loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from ptft_dist import config as C
+from ptft_dist.schema import json_schema
+
+PRESETS = sorted(Path(C.__file__).parent.joinpath("configs").glob("*.yaml"))
+
+
+def _command(preset: Path) -> str:
+    return "data" if preset.stem.startswith("data") else preset.stem.split("_")[0]
+
+
+@pytest.mark.parametrize("command", list(C.COMMANDS))
+def test_each_schema_is_valid_json_schema_with_a_description_per_field(command):
+    schema = json_schema(command)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    props = schema["properties"]
+    assert schema["additionalProperties"] is False
+    assert all(p.get("description") for p in props.values()), "a field without its documentation"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_shipped_preset_validates(preset):
+    data = yaml.safe_load(preset.read_text())
+    errors = list(jsonschema.Draft202012Validator(json_schema(_command(preset))).iter_errors(data))
+    assert not errors, [e.message for e in errors]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"optim": {"lrr": 1e-3}}, {"optim": {"lr": "fast"}}, {"zero": {"stage": "three"}}, {"model": {"family": "gpt"}}],
+)
+def test_what_the_loader_refuses_the_schema_refuses(bad):
+    with pytest.raises(C.ConfigError):
+        C.from_dict(C.PretrainConfig, bad)
+    assert list(jsonschema.Draft202012Validator(json_schema("pretrain")).iter_errors(bad))
