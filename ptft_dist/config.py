@@ -787,7 +787,10 @@ def preset_path(name: str) -> Path:
     stem = name[:-5] if name.endswith(".yaml") else name
     path = Path(str(importlib.resources.files("ptft_dist") / "configs" / f"{stem}.yaml"))
     if not path.is_file():
-        raise ConfigError(f"no preset named {name!r}; shipped presets: {', '.join(list_presets())}")
+        raise ConfigError(
+            f"no preset named {name!r}; {_did_you_mean(stem, list_presets())}shipped presets: "
+            f"{', '.join(list_presets())}"
+        )
     return path
 
 
@@ -994,7 +997,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where} must be one of {_type_name(tp)}, got {value!r}")
+            hint = _did_you_mean(value, typing.get_args(tp)) if isinstance(value, str) else ""
+            raise ConfigError(
+                f"{where} must be one of {_type_name(tp)}, got {value!r}" + (f"; {hint.strip()}" if hint else "")
+            )
         return value
     if origin is list:
         if not isinstance(value, list):

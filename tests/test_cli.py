@@ -68,6 +68,10 @@ def test_unknown_fields_get_a_did_you_mean():
     with pytest.raises(C.ConfigError) as e:
         C.load("pretrain", None, ["optim.zzzzz=3"])
     assert "did you mean" not in str(e.value)
+    with pytest.raises(C.ConfigError, match=r"got 'bf61'; did you mean 'bf16'\?$"):
+        C.load("pretrain", None, ["zero.precision=bf61"])
+    with pytest.raises(C.ConfigError, match="no preset named 'pretrain_tinny'; did you mean 'pretrain_tiny'"):
+        C.load("pretrain", "pretrain_tinny")
 
 
 def test_list_indices_are_checked():
