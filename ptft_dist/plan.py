@@ -623,25 +623,29 @@ def _shape_from_hf_dir(path: str, where: str, dropout: float) -> tuple[Shape, st
     return shape, f"the model in {path}"
 
 
-def trainable_params(s: Shape, cfg: FinetuneConfig, num_labels: int = 2) -> int:
-    """Trainable parameters of a finetune: LoRA's A and B per target linear (the family's default
-    targets) or IA3's vectors, plus the classification head (always trained)."""
-    h, i, L, r = s.hidden, s.intermediate, s.layers, cfg.peft.r
+def classifier_params(s: Shape, cfg: FinetuneConfig, num_labels: int = 2) -> tuple[int, int]:
+    """(total, trainable) parameters of a finetune as ``ptft_dist.adapters.build_classifier`` builds it:
+    the sequence classifier (the MLM head replaced by the classification head), plus LoRA's A and B
+    per target linear (the family's default targets) or IA3's vectors, plus peft's trainable copy of
+    the head (``modules_to_save``)."""
+    h, i, L, r, V = s.hidden, s.intermediate, s.layers, cfg.peft.r, s.vocab
     if s.family == "modernbert":
-        head = h * h + h + h * num_labels  # head dense + norm, classifier (no biases)
-        lora = r * (4 * h + 2 * h + (h + 2 * i) + (i + h))  # Wqkv, attn Wo, Wi, mlp Wo
-        ia3 = 3 * h + i
+        mlm_head = h * h + h + V  # head dense + norm, decoder bias
+        head = h * h + h + h * num_labels + num_labels  # head dense + norm, classifier
+        lora = r * (4 * h + 2 * h + (h + 2 * i) + (i + h))  # Wqkv, attention Wo, Wi, mlp Wo
     else:
-        head = h * h + h + h * num_labels + num_labels  # pooler, classifier
-        lora = r * (8 * h + (h + i) + (i + h))  # q, k, v, attention output, intermediate, output
-        ia3 = 2 * h + i
-    if cfg.peft.method == "full":
-        return -1  # all of them; the caller knows the total
-    if cfg.peft.method == "head":
-        return head
-    if cfg.peft.method == "ia3":
-        return L * ia3 + head
-    return L * lora + head
+        mlm_head = h * h + h + 2 * h + V  # transform, LayerNorm, decoder bias
+        head = h * h + h + h * num_labels + num_labels  # pooler (RoBERTa: classifier dense), classifier
+        lora = r * (8 * h + (h + i) + (i + h))  # query, key, value, attention output, intermediate, output
+    ia3 = 3 * h + i  # keys, values, attention output (out features); feed-forward output (in features)
+    base = num_params(s) - mlm_head + head
+    method = cfg.peft.method
+    if method == "full":
+        return base, base
+    if method == "head":
+        return base, head
+    adapters = L * (ia3 if method == "ia3" else lora)
+    return base + adapters + head, adapters + head
 
 
 def measured_rate(run_dir: str, target: Target, fpt: float) -> tuple[float | None, str]:
@@ -711,9 +715,7 @@ def make_plan(
         shape, vocab_note = _shape_from_hf_dir(cfg.base_model, "base_model", 0.0)
         seq = seq_len or cfg.task.max_length
         mask_fraction = 0.0  # a classification head: no vocabulary projection
-        total = num_params(shape)
-        trainable = trainable_params(shape, cfg)
-        trainable = total if trainable < 0 else trainable
+        total, trainable = classifier_params(shape, cfg)
         checkpointing = False
         assumptions.append(
             "finetuning: every batch padded to task.max_length, 2 labels; activations as for pretraining "

@@ -292,3 +292,42 @@ def test_dry_run_prints_the_plan_summary(capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("# pretrain: plan"))
     assert "GPUs assumed H100" in line and "per rank at stage 2 (fits" in line
+
+
+def _save_tiny_classifier(family: str, out) -> None:
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+    kw["max_position_embeddings"] = 66 if family == "roberta" else 64
+    if family == "modernbert":
+        kw.update(layer_types=["full_attention"] * 2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        kw.update(cls_token_id=2, sep_token_id=3)
+    cls = {"bert": "BertConfig", "roberta": "RobertaConfig", "modernbert": "ModernBertConfig"}[family]
+    hf = getattr(transformers, cls)(num_labels=2, **kw)
+    transformers.AutoModelForSequenceClassification.from_config(hf).save_pretrained(out)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "modernbert"])
+def test_finetune_parameter_counts_match_the_built_classifier(family, tmp_path):
+    adapters = pytest.importorskip("ptft_dist.adapters")
+    _save_tiny_classifier(family, tmp_path)
+    shape, _ = P._shape_from_hf_dir(str(tmp_path), "base_model", 0.0)
+    # by hand for BERT, LoRA r=16: 2 layers x 16 x (10 x 64 + 2 x 256) + head (64^2 + 64 + 2 x 64 + 2)
+    if family == "bert":
+        cfg = C.load("finetune", "finetune_tiny", [f"base_model={tmp_path}", "peft.method=lora", "peft.r=16"])
+        assert P.classifier_params(shape, cfg)[1] == 2 * 16 * (640 + 512) + 4290 == 41_154
+    methods = ["lora", "ia3", "full"] + ([] if family == "bert" else ["head"])
+    for method in methods:
+        cfg = C.load("finetune", "finetune_tiny", [f"base_model={tmp_path}", f"peft.method={method}"])
+        model, _ = adapters.build_classifier(cfg, ["a", "b"], {"zero_optimization": {"stage": 0}})
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert P.classifier_params(shape, cfg) == (total, trainable), (family, method)
+
+
+def test_plan_of_a_finetune(tmp_path, capsys):
+    _save_tiny_classifier("bert", tmp_path)
+    assert main(["plan", "--config", "finetune_sst2", "--gpus", "1xA100", f"base_model={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: finetune, bert L=2 H=64" in out and "M trainable" in out
+    assert main(["plan", "--config", "finetune_sst2", "--gpus", "1xA100", f"base_model={tmp_path / 'nope'}"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
