@@ -8,7 +8,7 @@ epochs = tokens. Each check is a plain function that raises :class:`DataError` o
 :class:`ConfigError` naming the file, field or value; :func:`preflight` runs the ones a
 command needs and returns the config with its run length in steps.
 
-No torch, ray or transformers import: this runs in the driver in well under a second.
+No torch, ray or transformers import: the checks take milliseconds (a task file is read once).
 """
 
 from __future__ import annotations
