@@ -142,7 +142,9 @@ def test_id_ranges_split_a_collection_into_disjoint_reads(mongo_server):
     assert all(300 <= len(s) <= 400 for s in seen), [len(s) for s in seen]
 
 
-def test_mongo_errors_name_the_uri_collection_and_id_never_the_password(mongo_server, tiny_dataset, tmp_path, caplog):
+def test_mongo_errors_name_the_uri_collection_and_id_never_the_password(
+    mongo_server, tiny_dataset, tmp_path, caplog, monkeypatch
+):
     tok = tiny_dataset / "tokenizer"
     host = mongo_server.removeprefix("mongodb://")
 
@@ -160,6 +162,7 @@ def test_mongo_errors_name_the_uri_collection_and_id_never_the_password(mongo_se
         mongo=MongoSourceConfig(timeout_ms=500),
     )
     assert "ServerSelectionTimeoutError" in message
+    _insert(mongo_server, "corpus.docs", [{"_id": 1, "text": "fine words here"}])
     fails(f"mongodb://{host}/corpus.nope", r"database 'corpus' has no collection 'nope' \(it has: .*docs")
     _insert(mongo_server, "corpus.bad", [{"_id": 1, "text": "fine words here"}, {"_id": 2, "body": "no text"}])
     fails(
@@ -171,6 +174,14 @@ def test_mongo_errors_name_the_uri_collection_and_id_never_the_password(mongo_se
     # the test server has no authentication: a login with credentials is refused, named, password hidden
     fails(f"mongodb://reader:hunter2@{host}/corpus.docs", r"mongodb://reader:\*\*\*@.*login failed")
     fails(f"mongodb://{host}/nodot", r"name the collection as mongodb://host:port/<database>\.<collection>")
+
+    # credentials from the environment (a URI without them): used for the login, never shown
+    monkeypatch.setenv("PTFT_MONGODB_USERNAME", "reader")
+    monkeypatch.setenv("PTFT_MONGODB_PASSWORD", "hunter2")
+    fails(
+        f"mongodb://{host}/corpus.docs",
+        r"mongodb://127\.0\.0\.1:\d+/corpus\.docs \(collection corpus\.docs\): login failed",
+    )
 
 
 def test_skipped_documents_are_counted_and_credentials_stay_out_of_the_manifest(mongo_server, tiny_dataset, tmp_path):
