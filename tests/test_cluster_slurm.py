@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+from netns import host_set
+from netns import skip_reason as hosts_skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CLUSTER = ROOT / "cluster" / "slurm" / "local-cluster.sh"
@@ -76,7 +79,7 @@ def slurm_cluster():
         pytest.skip(reason)
     # Short: munge's socket lives under it (unix socket paths have a 107-byte limit).
     state = Path(tempfile.mkdtemp(prefix="ptft-slurm-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    pidfiles = [state / "slurmctld.pid", state / "slurmd.pid", state / "munge" / "munged.pid"]
+    pidfiles = [state / "slurmctld.pid", state / f"slurmd-{_short_hostname()}.pid", state / "munge" / "munged.pid"]
     try:
         r = subprocess.run(
             [str(LOCAL_CLUSTER), "start", str(state)],
@@ -97,6 +100,10 @@ def slurm_cluster():
                 f"daemon {pid} survived local-cluster.sh stop"
             )
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
 
 
 def _queued(env: dict) -> list[str]:
@@ -133,7 +140,7 @@ def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slur
     assert job, f"not submitted:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     job_id = job.group(1)
     output = (tmp_path / f"ptft-{job_id}.out").read_text(errors="replace")
-    ray_state = Path(f"/tmp/ray-ptft-{job_id}")  # the job's Ray logs, kept for debugging
+    ray_state = Path(f"/tmp/ray-ptft-{job_id}-{_short_hostname()}")  # the job's Ray logs, kept for debugging
     if ray_state.is_dir() and not subprocess.run(["pgrep", "-f", f"{ray_state}/"], capture_output=True).stdout:
         shutil.rmtree(ray_state, ignore_errors=True)
 
@@ -156,7 +163,7 @@ def test_sbatch_runs_the_tiny_pipeline_on_a_ray_cluster_over_the_allocation(slur
     assert list((run_dir / "finetune").rglob("adapter_config.json")), "finetuning exported no adapter"
     # Teardown: no process of the job's Ray is left behind.
     leftovers = subprocess.run(
-        ["pgrep", "-f", f"/tmp/ray-ptft-{job_id}/"], capture_output=True, text=True
+        ["pgrep", "-f", f"/tmp/ray-ptft-{job_id}-"], capture_output=True, text=True
     ).stdout.split()
     assert not leftovers, f"Ray processes of job {job_id} still running: {leftovers}"
     print(f"slurm job {job_id}: submit -> COMPLETED in {elapsed_s:.0f} s")
@@ -176,3 +183,84 @@ def test_submit_refuses_a_bad_command_without_queueing(slurm_cluster, tmp_path):
     assert r.returncode == 2
     assert "max_stepz" in r.stderr and "not submitted" in r.stderr
     assert _queued(env) == before
+
+
+@pytest.fixture(scope="module")
+def slurm_on_two_hosts():
+    """A 2-node Slurm on two network-namespace hosts: slurmctld and a slurmd on h1, a slurmd on h2.
+    Yields (h1, h2, env for the Slurm commands, which run on h1: the login node)."""
+    reason = _ensure_slurm() or hosts_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    state = Path(tempfile.mkdtemp(prefix="ptft-sl2-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    with host_set(2) as (h1, h2):
+        try:
+            r = subprocess.run(
+                [str(LOCAL_CLUSTER), "start", str(state), f"{h1.name}={h1.address}", f"{h2.name}={h2.address}"],
+                capture_output=True,
+                text=True,
+                timeout=180,
+                stdin=subprocess.DEVNULL,
+            )
+            assert r.returncode == 0, f"local-cluster.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            yield h1, h2, _env(str(state / "slurm.conf"))
+        finally:
+            subprocess.run(
+                [str(LOCAL_CLUSTER), "stop", str(state)], capture_output=True, timeout=120, stdin=subprocess.DEVNULL
+            )
+            for host in (h1, h2):
+                host.stop_all()
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def test_sbatch_on_two_hosts_runs_pretraining_with_a_rank_on_each_then_finetuning(slurm_on_two_hosts, tmp_path):
+    h1, h2, env = slurm_on_two_hosts
+    run_dir = tmp_path / "run"
+    cmd = [SUBMIT, "--wait", "--nodes=2", "--cpus-per-task=1", "--time=30", f"--output={tmp_path}/ptft-%j.out"]
+    cmd += ["--", "pipeline", "--config", "pipeline_tiny", "--run-dir", run_dir, *TINY]
+    cmd += ["pretrain.scaling.placement_strategy=STRICT_SPREAD"]
+    start = time.monotonic()
+    r = h1.run(cmd, timeout_s=1500, check=False, env=env, cwd=tmp_path)
+    elapsed_s = time.monotonic() - start
+    job = re.search(r"submitted Slurm job (\d+)", r.stdout)
+    assert job, f"not submitted:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    job_id = job.group(1)
+    output = (tmp_path / f"ptft-{job_id}.out").read_text(errors="replace")
+
+    show = h1.run(["scontrol", "show", "job", job_id], env=env).stdout
+    assert "JobState=COMPLETED" in show, f"{show}\n--- job output\n{output[-6000:]}"
+    assert f"NodeList={h1.name[:-1]}[1-2]" in show or f"NodeList={h1.name},{h2.name}" in show, show
+    assert re.findall(r"^ptft exited with (\d+)$", output, re.M)[-1:] == ["0"], output[-6000:]
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "all 2 Ray node(s) joined" in output, output[-4000:]
+
+    # each pretraining rank's start-up line, from the Ray worker logs on the node it ran on
+    placed: dict[int, tuple[str, str]] = {}
+    for host in (h1, h2):
+        for log in Path(f"/tmp/ray-ptft-{job_id}-{host.name}").glob("session_*/logs/train/ray-train-app-worker-*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                m = re.match(r"rank (\d+)/2 on Ray node \w+ \(.*host (\S+), ip ([\d.]+)\)", entry.get("message", ""))
+                if m and entry.get("run_name") == "pretrain":
+                    placed[int(m.group(1))] = (m.group(2), m.group(3))
+    assert sorted(placed.values()) == [(h1.name, h1.address), (h2.name, h2.address)], placed
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metrics"]["pretrain"]["steps"] == 4
+    assert {name: job["status"] for name, job in summary["metrics"]["finetune"].items()} == {"lora": "ok", "head": "ok"}
+    # teardown: nothing of the job's Ray left on either host
+    for host in (h1, h2):
+        left = [p for p in host.pids() if f"/tmp/ray-ptft-{job_id}-" in _cmdline(p)]
+        assert not left, f"Ray processes of job {job_id} still running on {host.name}: {left}"
+        shutil.rmtree(f"/tmp/ray-ptft-{job_id}-{host.name}", ignore_errors=True)
+    print(f"2-host slurm job {job_id}: submit -> COMPLETED in {elapsed_s:.0f} s; pretrain ranks {placed}")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -14,8 +14,8 @@
 # and mount this script makes carries it. Layout of a set:
 #   SET-sw   a namespace holding the bridge br0 (the "switch"); one veth per host plugs into it
 #   SET-hI   host I: interface eth0 with 10.213.K.I/24 (K picked so that the subnet is free on
-#            this machine), loopback, hostname SET-hI, and an /etc/hosts (ip netns's /etc/netns
-#            overlay) that names every host of the set
+#            this machine), loopback, hostname SET-hI, and (bind-mounted for what `exec` runs)
+#            an /etc/hosts that names every host of the set and an empty /etc/resolv.conf
 # The hosts have no default route: they reach each other and their own loopback, nothing else.
 # The machine's own network namespace is not changed (no interface, route or address is added),
 # so a host cannot reach this machine's services either, and this machine reaches a host only
@@ -59,7 +59,9 @@ up() {
     ip -n "$set-sw" link add br0 type bridge
     ip -n "$set-sw" link set br0 up
     ip -n "$set-sw" link set lo up
+    # the hosts' /etc/hosts, and an empty resolv.conf: no DNS
     : >"$dir/etc-hosts"
+    : >"$dir/resolv.conf"
     printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >>"$dir/etc-hosts"
     for i in $(seq 1 "$n"); do printf '%s.%s\t%s-h%s\n' "$subnet" "$i" "$set" "$i" >>"$dir/etc-hosts"; done
     for i in $(seq 1 "$n"); do
@@ -74,10 +76,6 @@ up() {
         # hostname: a UTS namespace kept by a bind mount
         touch "$dir/h$i.uts"
         unshare --uts="$dir/h$i.uts" hostname "$host"
-        # /etc/hosts and an empty resolv.conf (no DNS) on the host, by ip netns's overlay
-        mkdir -p "/etc/netns/$host"
-        cp "$dir/etc-hosts" "/etc/netns/$host/hosts"
-        : >"/etc/netns/$host/resolv.conf"
         echo "$host $subnet.$i" >>"$dir/hosts"
     done
     trap - ERR
@@ -97,7 +95,13 @@ exec_on() {
     shift
     dir="$(host_dir "$host")"
     [[ $# -gt 0 ]] || die "exec: no command"
-    exec ip netns exec "$host" nsenter --uts="$dir/h${host##*-h}.uts" -- "$@"
+    # The host's network and hostname; a mount namespace of its own for its /etc/hosts and
+    # /etc/resolv.conf (the rest of the file system, /sys and cgroups included, is the machine's).
+    # shellcheck disable=SC2016
+    exec nsenter --net="/run/netns/$host" --uts="$dir/h${host##*-h}.uts" -- \
+        unshare --mount --propagation slave -- /bin/sh -c \
+        'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"' \
+        sh "$dir/etc-hosts" "$dir/resolv.conf" "$@"
 }
 
 link() {
@@ -145,8 +149,7 @@ down() {
         [[ -e "$f" ]] || continue
         umount "$f" 2>/dev/null || true
     done
-    rm -rf "$dir" /etc/netns/"$set"-h[1-9]
-    rmdir /etc/netns 2>/dev/null || true
+    rm -rf "$dir"
     check "$set"
 }
 
@@ -157,7 +160,6 @@ check() {
     [[ -z "$(ip -o link show | grep -F "$set" || true)" ]] || left+=("interfaces in the machine's namespace")
     [[ ! -e "$STATE_ROOT/$set" ]] || left+=("$STATE_ROOT/$set")
     grep -q "$STATE_ROOT/$set/" /proc/self/mountinfo && left+=("UTS mounts under $STATE_ROOT/$set")
-    compgen -G "/etc/netns/$set-h*" >/dev/null && left+=("/etc/netns/$set-h*")
     if [[ ${#left[@]} -gt 0 ]]; then
         printf 'hosts.sh: left of %s: %s\n' "$set" "${left[*]}" >&2
         return 1

@@ -6,6 +6,14 @@
 #   export SLURM_CONF=STATE_DIR/slurm.conf          # then sinfo, sbatch, squeue, scontrol work
 #   cluster/slurm/local-cluster.sh stop STATE_DIR   # stops those three daemons, by their pid files
 #
+# Several nodes, on hosts made by cluster/local/hosts.sh (network namespaces with their own
+# hostname and address, the file system shared):
+#   cluster/slurm/local-cluster.sh start STATE_DIR HOST=ADDRESS HOST=ADDRESS ...
+# slurmctld and one slurmd run on the first host, one slurmd on each other host (NodeName =
+# the host's name, NodeAddr = its address, 1 CPU each); the one munged's socket is on the
+# shared file system (on a real cluster every node runs munged with the same key). The Slurm
+# commands then work on those hosts: cluster/local/hosts.sh exec HOST sbatch ...
+#
 # Everything is private to STATE_DIR: its own munge key and socket, free ports for slurmctld
 # and slurmd, state, spool, logs and pid files. Nothing under /etc is changed, no system
 # service is started, and a Slurm or munge already running on the machine is left alone.
@@ -33,6 +41,8 @@ free_port() {
 
 start() {
     local dir="$1"
+    shift
+    local hosts=("$@") run_on=() ctl_host ctl_addr hosts_sh=""
     for cmd in munged mungekey slurmctld slurmd sinfo; do
         command -v "$cmd" >/dev/null || die "$cmd not found: run '$0 install' first (as root)"
     done
@@ -54,14 +64,31 @@ start() {
         --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
     munge -S "$sock" -n | unmunge -S "$sock" >/dev/null || die "munged does not answer; see $dir/log/munged.log"
 
-    local node cpus mem
+    local node cpus mem node_lines nodes spec
     node="$(hostname -s)"
     # This machine's own node line, e.g. "NodeName=vm CPUs=2 ... RealMemory=24105"
     read -r cpus mem < <(slurmd -C | head -1 | sed -E 's/.*CPUs=([0-9]+).*RealMemory=([0-9]+).*/\1 \2/')
+    if [[ ${#hosts[@]} -eq 0 ]]; then
+        ctl_host="$node" ctl_addr=127.0.0.1 nodes="$node"
+        mkdir -p "$dir/spool/$node"
+        node_lines="NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN"
+    else
+        hosts_sh="$(cd "$(dirname "${BASH_SOURCE[0]}")/../local" && pwd)/hosts.sh"
+        node_lines="" nodes=""
+        for spec in "${hosts[@]}"; do
+            [[ "$spec" =~ ^([A-Za-z0-9-]+)=([0-9.]+)$ ]] || die "'$spec' is not HOST=ADDRESS"
+            node_lines+="${node_lines:+$'\n'}NodeName=${BASH_REMATCH[1]} NodeAddr=${BASH_REMATCH[2]} CPUs=1"
+            node_lines+=" RealMemory=$(( mem / ${#hosts[@]} )) State=UNKNOWN"
+            nodes+="${nodes:+,}${BASH_REMATCH[1]}"
+            mkdir -p "$dir/spool/${BASH_REMATCH[1]}"
+        done
+        ctl_host="${hosts[0]%%=*}" ctl_addr="${hosts[0]#*=}"
+        run_on=("$hosts_sh" exec "$ctl_host")
+    fi
     cat > "$dir/slurm.conf" <<EOF
 # Single-node test cluster written by cluster/slurm/local-cluster.sh
 ClusterName=ptftlocal
-SlurmctldHost=${node}(127.0.0.1)
+SlurmctldHost=${ctl_host}(${ctl_addr})
 SlurmctldPort=$(free_port)
 SlurmdPort=$(free_port)
 SlurmUser=root
@@ -70,11 +97,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$sock
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -92,23 +119,30 @@ FirstJobId=$(( (RANDOM << 8 | RANDOM) % 900000 + 1000 ))
 # seconds between SIGTERM and SIGKILL for a job step's processes (default 30): Ray's GCS
 # ignores SIGTERM, so this is what tearing down the Ray nodes of a job costs
 KillWait=5
-NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
-PartitionName=local Nodes=${node} Default=YES MaxTime=INFINITE State=UP
+${node_lines}
+PartitionName=local Nodes=${nodes} Default=YES MaxTime=INFINITE State=UP
 EOF
     export SLURM_CONF="$dir/slurm.conf"
-    slurmctld -f "$SLURM_CONF"
-    slurmd -f "$SLURM_CONF"
-    local state=""
+    "${run_on[@]}" slurmctld -f "$SLURM_CONF"
+    if [[ ${#hosts[@]} -eq 0 ]]; then
+        slurmd -f "$SLURM_CONF" -N "$node"
+    else
+        for spec in "${hosts[@]}"; do
+            "$hosts_sh" exec "${spec%%=*}" slurmd -f "$SLURM_CONF" -N "${spec%%=*}"
+        done
+    fi
+    local states="" want
+    want="$(tr ',' '\n' <<<"$nodes" | wc -l)"
     for _ in $(seq 60); do
-        state="$(sinfo -h -N -n "$node" -o %t 2>/dev/null || true)"
-        [[ "$state" == idle* ]] && break
+        states="$("${run_on[@]}" sinfo -h -N -o '%N=%t' 2>/dev/null | sort -u | tr '\n' ' ' || true)"
+        [[ "$(grep -o '=idle' <<<"$states" | wc -l)" -eq "$want" ]] && break
         sleep 1
     done
-    if [[ "$state" != idle* ]]; then
+    if [[ "$(grep -o '=idle' <<<"$states" | wc -l)" -ne "$want" ]]; then
         echo "--- slurmctld.log"; tail -20 "$dir/log/slurmctld.log" 2>/dev/null || true
-        echo "--- slurmd.log"; tail -20 "$dir/log/slurmd.log" 2>/dev/null || true
+        echo "--- slurmd logs"; tail -n 20 "$dir"/log/slurmd-*.log 2>/dev/null || true
         stop "$dir"
-        die "node $node did not become idle within 60 s (state: '${state:-none}')"
+        die "not all of $nodes became idle within 60 s (states: '${states:-none}')"
     fi
     echo "SLURM_CONF=$SLURM_CONF"
 }
@@ -129,7 +163,8 @@ stop_pidfile() {
 stop() {
     local dir="$1"
     [[ -d "$dir" ]] || { echo "no $dir; nothing to stop"; return 0; }
-    stop_pidfile slurmd "$dir/slurmd.pid"
+    local f
+    for f in "$dir"/slurmd-*.pid; do [[ -e "$f" ]] && stop_pidfile slurmd "$f"; done
     stop_pidfile slurmctld "$dir/slurmctld.pid"
     stop_pidfile munged "$dir/munge/munged.pid"
     rm -f "$dir/slurm.conf"
@@ -138,7 +173,7 @@ stop() {
 
 case "${1:-}" in
     install) install_packages ;;
-    start) [[ $# -eq 2 ]] || die "usage: $0 start STATE_DIR"; start "$2" ;;
+    start) [[ $# -ge 2 ]] || die "usage: $0 start STATE_DIR [HOST=ADDRESS ...]"; shift; start "$@" ;;
     stop) [[ $# -eq 2 ]] || die "usage: $0 stop STATE_DIR"; stop "$2" ;;
     *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
