@@ -375,3 +375,28 @@ def test_a_ray_build_on_two_nodes_equals_the_local_build(tmp_path, tiny_dataset)
     result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
     assert len(result["nodes"]) == 2 and result["actor_nodes"] == result["nodes"], "actors on both nodes"
     assert len(result["ray_shards"]) > 3 and result["ray_shards"] == result["local_shards"]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_build_progress_off_a_terminal_is_log_lines_per_phase_and_nothing_else(tmp_path, capfd, caplog, monkeypatch):
+    """Each phase said, its share of the input with an ETA, and nothing on stdout/stderr (no
+    bar redraws or blank lines in a log file)."""
+    from ptft_dist.data import build as B
+
+    monkeypatch.setattr(B, "PROGRESS_EVERY_S", 0.0)
+    source = tmp_path / "c.txt"
+    source.write_text("\n".join(_documents(3000, seed=6)) + "\n")
+    cfg = DataBuildConfig(inputs=[str(source)], seq_len=32, samples_per_shard=200, num_proc=0)
+    cfg.tokenizer.vocab_size = 200
+    with caplog.at_level(logging.INFO, logger="ptft_dist"):
+        build(cfg, tmp_path / "o", progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out[-500:], err[-500:])
+    lines = [r.getMessage() for r in caplog.records]
+    size = source.stat().st_size / 1e6
+    assert f"train tokenizer: reading {size:,.1f} MB" in lines
+    assert any(line.startswith("tokenize + pack: ") and "% (" in line and ", ETA " in line for line in lines), lines
+    assert any(line.startswith("tokenize + pack: done in") for line in lines)
+    assert lines.index("write manifest") > max(i for i, x in enumerate(lines) if x.startswith("tokenize + pack"))

@@ -360,12 +360,16 @@ def default_num_proc() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+#: seconds between progress log lines when stderr is not a terminal
+PROGRESS_EVERY_S = 30.0
+
+
 class _PhaseProgress:
     """How far one phase of the build is: on a terminal a bar (share of the planned input
     with ETA); elsewhere a log line every ``every_s`` seconds (no bar redraws in a log file)."""
 
-    def __init__(self, name: str, mix: Mix, sources: list[Source], enabled: bool, every_s: float = 30.0):
-        self.name, self.mix, self.every_s = name, mix, every_s
+    def __init__(self, name: str, mix: Mix, sources: list[Source], enabled: bool):
+        self.name, self.mix, self.every_s = name, mix, PROGRESS_EVERY_S
         self.in_bytes = all(s.collection is None for s in sources)
         passes = [1 if mix.first_pass_only else s.num_passes for s in sources]
         self.total = sum(s.planned * n for s, n in zip(sources, passes))
