@@ -7,7 +7,8 @@ Run in a process of its own (by tests/test_data_sources.py and benchmarks/data_s
 one process joins one cluster, and the test session has its own Ray. Set RAY_TMPDIR to a
 private directory first (see tests/_multinode_pretrain.py). Prints one JSON line at the end:
 the nodes the actors ran on, wall seconds and shard hashes of the Ray build and of the local
-build.
+build. With PTFT_TEST_KILL_ACTOR=1 one tokenizer actor is killed after the first batch comes
+back (Ray restarts it and runs its queued batches again).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def main(out: Path, nodes: int, source: str, tokenizer: str, seq_len: int) -> in
             used.extend(self.nodes)
 
         raybuild.RayEncoder.__init__ = remember
+        killed = []
+        if os.environ.get("PTFT_TEST_KILL_ACTOR") == "1":  # a failed task: an actor dies mid-build
+            original_map = raybuild.RayEncoder.map
+
+            def map_and_kill(self, batches):
+                for i, item in enumerate(original_map(self, batches)):
+                    if i == 0:
+                        ray.kill(self.actors[0], no_restart=False)  # its queued batches fail, are run again
+                        killed.append(True)
+                    yield item
+
+            raybuild.RayEncoder.map = map_and_kill
         start = time.perf_counter()
         on_ray = build(C.DataBuildConfig(engine="ray", **cfg), out / "ray", progress=False)
         ray_s = time.perf_counter() - start
@@ -72,6 +85,7 @@ def main(out: Path, nodes: int, source: str, tokenizer: str, seq_len: int) -> in
             "ray_shards": _hashes(on_ray),
             "local_shards": _hashes(local),
             "tokens": on_ray["build"]["input_tokens"],
+            "killed_an_actor": bool(killed),
             "documents": sum(on_ray["splits"][s]["num_documents"] for s in ("train", "valid")),
         }
         print(json.dumps(result), flush=True)

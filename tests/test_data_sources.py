@@ -348,14 +348,15 @@ def test_a_webdataset_corpus_over_http_and_its_errors(tmp_path, tiny_dataset):
 @pytest.mark.dist
 def test_a_ray_build_on_two_nodes_equals_the_local_build(tmp_path, tiny_dataset):
     """data.engine=ray on a 2-node ray.cluster_utils.Cluster (1 CPU each): the actors run on
-    both nodes and the shards are byte for byte those of the local build."""
+    both nodes and the shards are byte for byte those of the local build, though one actor is
+    killed mid-build (its batches are run again, no shard is written twice)."""
     import os
     import tempfile
 
     source = tmp_path / "corpus.txt"
-    source.write_text("\n".join(_documents(4000, seed=5)) + "\n")  # 4 batches: several actors get work
+    source.write_text("\n".join(_documents(6000, seed=5)) + "\n")  # 6 batches: both actors get work
     ray_tmp = tempfile.mkdtemp(prefix="ptft-rb-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PTFT_TEST_KILL_ACTOR="1")
     env.pop("RAY_ADDRESS", None)
     root = Path(__file__).resolve().parent.parent
     try:
@@ -374,7 +375,9 @@ def test_a_ray_build_on_two_nodes_equals_the_local_build(tmp_path, tiny_dataset)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
     assert len(result["nodes"]) == 2 and result["actor_nodes"] == result["nodes"], "actors on both nodes"
+    assert result["killed_an_actor"]
     assert len(result["ray_shards"]) > 3 and result["ray_shards"] == result["local_shards"]
+    assert result["documents"] == 6000
 
 
 # --------------------------------------------------------------------------- progress
