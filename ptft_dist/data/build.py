@@ -382,7 +382,9 @@ class _PhaseProgress:
         log.info("%s: reading %s", name, self._size(self.total))
 
     def _size(self, n: float) -> str:
-        return f"{n / 1e6:,.1f} MB" if self.in_bytes else f"{n:,.0f} documents"
+        if not self.in_bytes:
+            return f"{n:,.0f} documents"
+        return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
 
     def update(self, postfix: str = "") -> None:
         done = self.mix.fraction_done * self.total
