@@ -250,8 +250,9 @@ def main() -> None:
         print(f"measuring {len(points)} points; results in {work}", flush=True)
         measured = measure(points, a.steps, work)
     bw = json.loads((work / "bandwidth.json").read_text())
-    if "adam_params_per_s_cpu" not in bw:  # results of an older version of this script: measure the rate now
-        torch.multiprocessing.spawn(_bandwidth_worker, args=(_free_port(), str(work / "rates.json")), nprocs=WORLD)
+    if "adam_params_per_s_cpu" not in bw:  # results of an older version of this script: measure the rate once
+        if not (work / "rates.json").is_file():
+            torch.multiprocessing.spawn(_bandwidth_worker, args=(_free_port(), str(work / "rates.json")), nprocs=WORLD)
         rates = json.loads((work / "rates.json").read_text())
         bw.update({k: v for k, v in rates.items() if k.startswith("adam")})
     # Calibration: the CPU rate that makes the planned step time of one point equal its measurement,
@@ -265,7 +266,7 @@ def main() -> None:
             optimizer_params_per_s=bw.get(f"adam_params_per_s{name}", P.CPU.optimizer_params_per_s),
         )
         probe = planned(*cal, cpu)
-        compute_s = measured[cal][f"step{name}_s"] - probe["comm_s"]
+        compute_s = measured[cal][f"step{name}_s"] - (probe["step_s"] - probe["compute_s"])  # less comm + optimizer
         devices[name] = replace(cpu, peak_tflops=probe["flops_per_step"] / compute_s / 1e12)
     rows = []
     for point in points:
@@ -318,6 +319,17 @@ def main() -> None:
             + (" (calibration)" if r["calibration_point"] else "")
         )
     others = [r for r in rows if not r["calibration_point"]]
+    for label, group in (
+        ("stages 0-2", [r for r in others if r["stage"] < 3]),
+        ("stage 3", [r for r in others if r["stage"] == 3]),
+    ):
+        if group:
+            errors = [abs(r["time_error"]) for r in group]
+            print(
+                f"step time, CPU seconds, {label}: median |error| {statistics.median(errors):.1%}, largest "
+                f"{max(errors):.1%}, mean error {statistics.mean(r['time_error'] for r in group):+.1%} "
+                f"({len(group)} points)"
+            )
     summary = {
         "cpu_gflops_per_rank": rate,
         "cpu_gflops_per_rank_wall": devices[""].peak_tflops * 1e3,

@@ -89,10 +89,11 @@ DEVICES: dict[str, Device] = {
     ),
 }
 
-#: A CPU rank (one core per rank, fp32, gloo over loopback): the throughput and bandwidth of the
-#: 2-core machine of docs/performance.md, measured by benchmarks/plan_vs_measured.py; pass
-#: ``--cpu-gflops`` (or calibrate) for another machine. Memory comes from the host.
-CPU = Device("CPU", 0.040, 0.0, 2.0, 1.0, 1e9, 1.0, 200e-6, 1, 0.0, "measured: benchmarks/plan_vs_measured.py")
+#: A CPU rank (one core per rank, fp32, gloo over loopback): the 2-core machine of
+#: docs/performance.md as benchmarks/plan_vs_measured.py measured it in CPU seconds (53 GFLOP/s
+#: per rank calibrated on one training step, gloo 1.44 GB/s per rank and 133 us per collective,
+#: AdamW 2.7e8 parameters/s); pass ``--cpu-gflops`` for another machine. Memory: the host's.
+CPU = Device("CPU", 0.053, 0.0, 1.44, 1.44, 1e9, 1.0, 133e-6, 1, 0.0, "measured: benchmarks/plan_vs_measured.py", 2.7e8)
 
 #: GiB per GPU the planner keeps free: CUDA context, cuBLAS/NCCL workspaces, allocator slack.
 RESERVE_GIB = 2.5
@@ -765,10 +766,10 @@ def make_plan(
         offload = "optimizer+params" if offload else "optimizer+params"
     run_tokens = tokens or _run_tokens(cfg, seq)
     assumptions += [
-        f"{precision} training; MFU {mfu:.0%} of {target.device.peak_tflops * 1e3:.0f} GFLOP/s"
+        f"{precision} training; {achieved / 1e9:.0f} GFLOP/s per CPU rank ({source})"
         if not target.device.is_gpu
         else f"{precision} training; MFU {mfu:.0%} of {target.device.peak_tflops:.0f} TFLOP/s ({source})",
-        "peak = max(states after the step + activations, states with gradients); allocator transients "
+        "peak = max(states at the end of the forward + activations, states with gradients); allocator transients "
         "(the logits' gradient at the start of the backward) are not counted"
         + (f"; {RESERVE_GIB} GiB per GPU kept free" if target.device.is_gpu else ""),
         f"communication at {target.device.intra_node_gbs if target.num_nodes == 1 else target.device.inter_node_gbs} "
