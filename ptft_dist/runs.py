@@ -198,6 +198,10 @@ def read_state(run: Path, now: float | None = None) -> RunRow:
     steps = metrics.get("steps") if isinstance(metrics.get("steps"), int) else None
     if steps is None and rows:
         steps = max(r["step"] for r in rows)
+    if steps is None:  # nothing logged yet: the step the workers' heartbeats last said
+        beats = [_read_json(b) for b in run.glob("progress/rank*.json")]
+        said = [b["step"] for b in beats if isinstance(b, dict) and isinstance(b.get("step"), int)]
+        steps = max(said) if said else None
     max_steps = None
     if isinstance(config, dict) and isinstance(config.get("optim"), dict):
         max_steps = config["optim"].get("max_steps")
