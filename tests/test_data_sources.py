@@ -117,6 +117,7 @@ def test_a_collection_builds_sample_for_sample_like_its_jsonl_export(mongo_serve
     assert entry["num_documents"] == ref["sources"][0]["num_documents"]
     info = entry["mongodb"]
     assert (info["uri"], info["count"], info["filter"]) == (loc, 900, {})
+    assert entry["records_read"] == 900, "what was read, next to what was asked for"
     assert (info["id_min"], info["id_max"]) == ({"$oid": str(ids[0])}, {"$oid": str(ids[-1])})
 
     en = tmp_path / "en.jsonl"

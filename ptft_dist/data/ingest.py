@@ -151,6 +151,8 @@ class SourceStats:
     """What reading one source saw (first pass only): replaced bytes, records left out and why,
     files refused as garbage."""
 
+    #: records read (documents, lines, rows, tar members), whatever became of them
+    records_read: int = 0
     replaced_bytes: int = 0
     skipped_records: dict[str, int] = field(default_factory=dict)
     skipped_files: list[dict] = field(default_factory=list)
@@ -203,6 +205,7 @@ class Source:
             "weight": self.weight,
             "num_bytes": self.num_bytes,
             "num_documents": dict(self.num_documents),
+            "records_read": self.stats.records_read,
             "replaced_bytes": self.stats.replaced_bytes,
             "skipped_records": dict(self.stats.skipped_records),
             "skipped_files": list(self.stats.skipped_files),
@@ -665,6 +668,7 @@ def iter_source_documents(
             return
         if stats is not None:
             stats.replaced_bytes += _REPLACED[0] - mark
+            stats.records_read += 1
         if text is None:
             continue
         if isinstance(text, Bad):
