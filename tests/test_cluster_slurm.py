@@ -264,3 +264,49 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.slow  # Slurm holds a requeued job ~2 min before it runs again
+def test_sigterm_to_the_batch_script_checkpoints_requeues_and_the_job_resumes(slurm_cluster, tmp_path, tiny_dataset):
+    env = slurm_cluster
+    run_dir = tmp_path / "pre"
+    cmd = [SUBMIT, "--nodes=1", "--cpus-per-task=2", "--time=30", f"--output={tmp_path}/ptft-%j.out", "--"]
+    cmd += ["pretrain", "--config", "pretrain_tiny", "--run-dir", run_dir, f"data.dataset_dir={tiny_dataset}"]
+    cmd += ["optim.max_steps=200", "checkpoint.every_steps=1000", "eval_every_steps=1000", "data.num_eval_samples=16"]
+    cmd += ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128"]
+    cmd += ["tracking.log_every_steps=1"]
+    start = time.monotonic()
+    r = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    job_id = re.search(r"submitted Slurm job (\d+)", r.stdout).group(1)
+    beat = run_dir / "progress" / "rank0.json"
+    deadline = time.monotonic() + 600
+    while True:
+        assert time.monotonic() < deadline, "the job never reached step 5"
+        try:
+            if json.loads(beat.read_text())["step"] >= 5:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    # what --signal=B:TERM@300 does before the time limit: SIGTERM to the batch script only
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env, check=True, timeout=60)
+    deadline = time.monotonic() + 900
+    show = ""
+    while "JobState=COMPLETED" not in show and "JobState=FAILED" not in show:
+        assert time.monotonic() < deadline, f"the job did not finish after its requeue:\n{show}"
+        time.sleep(3)
+        show = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    output = (tmp_path / f"ptft-{job_id}.out").read_text(errors="replace")
+    assert "JobState=COMPLETED" in show and "Restarts=1" in show, f"{show}\n{output[-6000:]}"
+    # first run: checkpoint on SIGTERM, exit 75, requeued; second run: resumed, exit 0
+    assert re.findall(r"^ptft exited with (\d+)$", output, re.M) == ["75", "0"], output[-6000:]
+    assert f"requeued job {job_id}" in output and "run the same command again to resume" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metrics"]["completed"] is True and summary["metrics"]["steps"] == 200
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"train_loss"' in line
+    ]
+    assert steps == list(range(1, 201)), "the requeued job went on from the checkpoint, not from step 0"
+    print(f"slurm SIGTERM -> checkpoint -> requeue -> resumed -> COMPLETED: {time.monotonic() - start:.0f} s")
