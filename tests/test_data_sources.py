@@ -404,3 +404,26 @@ def test_build_progress_off_a_terminal_is_log_lines_per_phase_and_nothing_else(t
     assert any(line.startswith("tokenize + pack: ") and "% (" in line and ", ETA " in line for line in lines), lines
     assert any(line.startswith("tokenize + pack: done in") for line in lines)
     assert lines.index("write manifest") > max(i for i, x in enumerate(lines) if x.startswith("tokenize + pack"))
+
+
+def test_mongo_sort_and_projection(mongo_server, tiny_dataset, tmp_path):
+    """data.mongo.sort orders the documents (then _id); a projection that names the text field
+    reads only it; the build equals the JSONL in that order."""
+    texts = _documents(400, seed=7)
+    ranks = [(i * 37) % 100 for i in range(len(texts))]  # many ties: _id breaks them
+    loc = _insert(
+        mongo_server,
+        "corpus.sorted",
+        [{"_id": f"d{i:05d}", "body": t, "rank": r, "extra": "x" * 50} for i, (t, r) in enumerate(zip(texts, ranks))],
+    )
+    order = sorted(range(len(texts)), key=lambda i: (-ranks[i], f"d{i:05d}"))
+    export = tmp_path / "sorted.jsonl"
+    export.write_text("".join(json.dumps({"body": texts[i]}) + "\n" for i in order))
+    tok = tiny_dataset / "tokenizer"
+    ref = build(_cfg([export], tok, text_field="body"), tmp_path / "ref", progress=False)
+    settings = MongoSourceConfig(sort={"rank": -1}, projection={"body": 1})
+    got = build(_cfg([loc], tok, text_field="body", mongo=settings), tmp_path / "got", progress=False)
+    assert _shards(got) == _shards(ref)
+    assert got["sources"][0]["mongodb"]["sort"] == [["rank", -1], ["_id", 1]]
+    spec = mongo.parse(loc, projection={"body": 1})
+    assert set(next(mongo.iter_documents(spec))) == {"_id", "body"}
