@@ -297,6 +297,9 @@ def test_sigterm_to_the_batch_script_checkpoints_requeues_and_the_job_resumes(sl
         time.sleep(3)
         show = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
     output = (tmp_path / f"ptft-{job_id}.out").read_text(errors="replace")
+    ray_state = Path(f"/tmp/ray-ptft-{job_id}-{_short_hostname()}")
+    if not subprocess.run(["pgrep", "-f", f"{ray_state}/"], capture_output=True).stdout:
+        shutil.rmtree(ray_state, ignore_errors=True)
     assert "JobState=COMPLETED" in show and "Restarts=1" in show, f"{show}\n{output[-6000:]}"
     # first run: checkpoint on SIGTERM, exit 75, requeued; second run: resumed, exit 0
     assert re.findall(r"^ptft exited with (\d+)$", output, re.M) == ["75", "0"], output[-6000:]
