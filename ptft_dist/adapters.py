@@ -19,13 +19,7 @@ def build_classifier(cfg: FinetuneConfig, names: list[str], ds: dict):
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    base = Path(cfg.base_model)
-    if not any(
-        (base / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    ):
-        raise DataError(
-            f"base model {base} has no weights (model.safetensors); point base_model at an HF model directory"
-        )
+    base = Path(cfg.base_model)  # checked by preflight.check_base_model
     family = models.family_of(AutoConfig.from_pretrained(str(base)))
     with engine_lib.model_init_context(ds):
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -34,7 +28,7 @@ def build_classifier(cfg: FinetuneConfig, names: list[str], ds: dict):
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
             attn_implementation="sdpa",
-            **models.pooling_kwargs(family, cfg.pooling, base),
+            **models.pooling_kwargs(family, cfg.pooling),
         )
     head = models.HEAD_MODULES[family]
     method = cfg.peft.method
@@ -42,7 +36,8 @@ def build_classifier(cfg: FinetuneConfig, names: list[str], ds: dict):
         return model, family
     if method == "head":
         for name, p in model.named_parameters():
-            p.requires_grad = any(name == h or name.startswith(h + ".") for h in head)
+            # a head module anywhere in the name: BERT's pooler is `bert.pooler.*`, its classifier `classifier.*`
+            p.requires_grad = any(f".{h}." in f".{name}" for h in head)
         return model, family
     if method == "lora":
         peft_cfg = LoraConfig(
@@ -85,7 +80,7 @@ def load_classifier(model_dir: str | Path):
         base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         if not Path(base).is_dir():
             raise DataError(f"{model_dir}: its base model {base} is not a directory here")
-        kw.update(models.pooling_kwargs(models.family_of(AutoConfig.from_pretrained(base)), pooling, base))
+        kw.update(models.pooling_kwargs(models.family_of(AutoConfig.from_pretrained(base)), pooling))
         model = PeftModel.from_pretrained(
             AutoModelForSequenceClassification.from_pretrained(base, **kw), str(model_dir)
         )

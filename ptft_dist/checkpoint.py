@@ -6,14 +6,24 @@ its own directory and Ray Train merges them into one checkpoint).
 
 A checkpoint is complete when every rank's ``train_state_rank<r>.json`` is present: each rank
 writes that file last, after its engine shard.
+
+A checkpoint written by N ranks resumes on M ranks: the ZeRO shards (stages 1-3) go through
+DeepSpeed's universal checkpoint format (``ds_to_universal``, converted once per node when the
+run resumes, loaded with ``checkpoint.load_universal``); a stage-0 checkpoint holds the whole
+model and optimizer already. The read positions of all N ranks are handed to the data stream,
+which splits what no rank had consumed among the M new ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
+import shutil
+import tempfile
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .world import World
+from .world import World, barrier
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +52,9 @@ class TrainState:
     """Seconds of training, this run and the runs it resumed (drives time_budget_s)."""
     nonfinite_skipped_steps: int = 0
     """Steps whose update was skipped for a non-finite loss (on_nonfinite_loss: skip)."""
-    data_position: dict | None = None
-    """This rank's read position (:meth:`ptft_dist.data.stream.ShardStream.state_dict`)."""
+    data_position: dict | list[dict] | None = None
+    """This rank's read position (:meth:`ptft_dist.data.stream.ShardStream.state_dict`); after a
+    resume on another world size, the positions of every rank that wrote the checkpoint."""
     tokenizer_sha256: str | None = None
     wandb_run_id: str | None = None
     """Rank 0's W&B run, continued by a resumed run."""
@@ -137,20 +148,16 @@ FROZEN_ON_RESUME = {
 }
 
 
-def _check_world_size(directory: str | Path, written_by: int, world_size: int) -> None:
-    if written_by != world_size:
-        raise ValueError(
-            f"checkpoint {directory} was written by {written_by} ranks, this run has {world_size}; "
-            "resume with the same scaling.num_workers, or start a new run from an export (model.init_from)"
-        )
+def written_by(directory: str | Path) -> int:
+    """How many ranks wrote a checkpoint."""
+    return read_state(directory, 0)["world_size"]
 
 
-def check_compatible(directory: str | Path, current: dict[str, Any], world_size: int) -> None:
-    """Refuse to resume on another world size, or with a config whose model, ZeRO stage,
-    batch or data differ from the checkpoint's, naming the first field that differs."""
+def check_compatible(directory: str | Path, current: dict[str, Any]) -> None:
+    """Refuse to resume with a config whose model, ZeRO stage, batch or data differ from the
+    checkpoint's, naming the first field that differs. (Another world size is fine.)"""
     import yaml
 
-    _check_world_size(directory, read_state(directory, 0)["world_size"], world_size)
     saved_file = Path(directory, "config.yaml")
     if not saved_file.is_file():
         return
@@ -168,22 +175,75 @@ def check_compatible(directory: str | Path, current: dict[str, Any], world_size:
 def load(engine, directory: str | Path, world: World) -> TrainState:
     """Restore the engine and RNG states; return this rank's train state. Collective.
 
+    On another world size than the checkpoint's, the engine must have been built with
+    ``checkpoint.load_universal`` (stages 1-3; :func:`ds_config_for_resume`), and the train
+    state's ``data_position`` lists every old rank's position.
+
     Raises:
-        ValueError: an incomplete checkpoint, another format version, or another world size
-            (resuming on a different world size is refused: start a new run from an export
-            with ``model.init_from``).
+        ValueError: an incomplete checkpoint or another format version.
     """
     path = Path(directory)
-    state = read_state(path, world.rank)
+    old_world = written_by(path)
+    state = read_state(path, world.rank if world.rank < old_world else 0)
     if state.get("version") != VERSION:
         raise ValueError(f"checkpoint {path}: version {state.get('version')!r}, this ptft-dist reads version {VERSION}")
-    _check_world_size(path, state["world_size"], world.world_size)
-    engine.load_checkpoint(str(path), tag=TAG)
+    if old_world == world.world_size:
+        engine.load_checkpoint(str(path), tag=TAG)
+    elif engine.zero_optimization_stage() == 0:  # one file holds the whole model and optimizer
+        engine.load_checkpoint(str(path), tag=TAG)
+        state["data_position"] = [read_state(path, r)["data_position"] for r in range(old_world)]
+    else:
+        universal = _universal_copy(path, world)
+        try:
+            engine.load_checkpoint(str(universal), tag=TAG)
+        finally:
+            barrier()
+            if world.local_rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
+        state["data_position"] = [read_state(path, r)["data_position"] for r in range(old_world)]
     rng = path / f"rng_rank{world.rank}.pt"
-    if rng.is_file():
+    if rng.is_file():  # a rank the old world did not have keeps the run's seeded generator
         _set_rng_state(torch.load(rng, weights_only=True))
-    log.info("resumed from %s at step %d", path, state["step"])
+    if old_world == world.world_size:
+        log.info("resumed from %s at step %d", path, state["step"])
+    elif world.is_rank_zero:
+        log.info(
+            "resumed from %s at step %d: written by %d ranks, now %d", path, state["step"], old_world, world.world_size
+        )
     return TrainState.from_dict(state)
+
+
+def ds_config_for_resume(ds: dict[str, Any], directory: str | Path | None, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config to build the engine with when resuming ``directory``: with
+    ``checkpoint.load_universal`` when the checkpoint comes from another world size and holds
+    ZeRO shards (stages 1-3)."""
+    if directory is None or written_by(directory) == world_size or ds["zero_optimization"]["stage"] == 0:
+        return ds
+    return dict(ds, checkpoint=dict(ds.get("checkpoint", {}), load_universal=True))
+
+
+def _universal_copy(path: Path, world: World) -> Path:
+    """The checkpoint's engine shards in DeepSpeed's universal format, in a temporary folder
+    of this node (local rank 0 converts; the other ranks of the node wait). Collective."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir(), f"ptft-universal-{name}")
+    if world.local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        args = Namespace(
+            input_folder=str(path / TAG),
+            output_folder=str(out / TAG),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # ptft's models are not Megatron's: no tensor-parallel layout to record
+        )
+        ds_to_universal.main(args)
+        (out / "latest").write_text(TAG)
+    barrier()
+    return out
 
 
 def consolidated_state_dict(directory: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import FinetuneConfig
-from .data.errors import DataError
-from .data.labeled import label_order, read_examples
+from .data.labeled import check_known_labels, label_order, read_examples
 
 
 @dataclass
@@ -88,9 +87,7 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Sp
 
     def other(path: str) -> Split:
         t, r, p = read(path)
-        unseen = sorted(set(r) - set(index))
-        if unseen:
-            raise DataError(f"{path}: labels {unseen[:10]} never occur in {task.train_file}")
+        check_known_labels(path, task.label_column, r, index, task.train_file)
         return Split(t, p, [index[y] for y in r])
 
     if task.test_file:

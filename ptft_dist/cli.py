@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
             help="with --dry-run: check the config's fields but not the files it names (for a command that runs "
             "on another machine, whose paths do not exist here)",
         )
+        if not ray:
+            sp.add_argument(
+                "--address", help="a Ray cluster to tokenize on (data.engine: ray); default: this machine's processes"
+            )
         if ray:
             sp.add_argument(
                 "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster in this process)"
@@ -174,6 +178,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("file", metavar="FILE", help="YAML file to write (never overwritten without --force)")
             sp.add_argument("--force", action="store_true", help="overwrite FILE")
         sp.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    schema = cfg_sub.add_parser(
+        "schema", help="the JSON Schema of a command's config, for editors that complete and check YAML"
+    )
+    schema.add_argument("schema_command", metavar="COMMAND", choices=list(C.COMMANDS), help=" | ".join(C.COMMANDS))
+    schema.add_argument("--out", help="file to write (default: print it)")
     comp = sub.add_parser(
         "completion",
         help="print a shell completion script",
@@ -236,6 +245,16 @@ def config_yaml(preset: str, overrides: list[str] = (), file: str | None = None)
 def _config(args) -> int:
     where = f"ptft config {args.config_command}"
     try:
+        if args.config_command == "schema":
+            from .schema import json_schema
+
+            text = json.dumps(json_schema(args.schema_command), indent=1) + "\n"
+            if not args.out:
+                print(text, end="")
+                return 0
+            Path(args.out).write_text(text, encoding="utf-8")
+            print(f"wrote {args.out}: put `# yaml-language-server: $schema={args.out}` at the top of a config")
+            return 0
         if args.config_command == "show":
             print(config_yaml(args.preset, args.overrides)[0], end="")
             return 0
@@ -364,7 +383,7 @@ def _main(argv: list[str] | None = None) -> int:
         run = checked.cfg
         with record_driver(run.run_dir, NAMES.get(command, command)):
             if command == "data":
-                summary = jobs.build_data(run.data, run.run_dir)
+                summary = jobs.build_data(run.data, run.run_dir, address=args.address)
             elif command == "pretrain":
                 summary = jobs.pretrain(run, address=args.address)
             elif command == "finetune":

@@ -46,14 +46,17 @@ def _read_summary(run_dir: str | Path, what: str, result: Any = None) -> dict:
     return json.loads(path.read_text())
 
 
-def build_data(cfg: DataBuildConfig, run_dir: str | Path) -> dict:
-    """``ptft data build``: returns the summary (the dataset's manifest counts)."""
+def build_data(cfg: DataBuildConfig, run_dir: str | Path, *, address: str | None = None) -> dict:
+    """``ptft data build``: returns the summary (the dataset's manifest counts). With a Ray
+    ``address`` the tokenizing runs on that cluster (``data.engine: ray``)."""
     from .data.build import build
 
+    if address:
+        cfg = dataclasses.replace(cfg, engine="ray")
     out_dir = Path(cfg.output_dir or Path(run_dir, "data"))
     start = time.perf_counter()
     try:
-        manifest = build(cfg, out_dir)
+        manifest = build(cfg, out_dir, address=address)
     except OSError as e:  # disk full, permissions: say where, whatever the library said
         where = f"{e.filename}" if e.filename else str(out_dir)
         raise OSError(
@@ -80,7 +83,8 @@ def build_data(cfg: DataBuildConfig, run_dir: str | Path) -> dict:
 def _resolve_pretrain(cfg: PretrainConfig, *, check_data: bool = True) -> PretrainConfig:
     """Absolute paths; with ``check_data``, the dataset's manifest and tokenizer are checked
     here, before Ray starts (a model to continue from must use the dataset's tokenizer)."""
-    from .data.build import DataError, check_tokenizer
+    from .config import max_steps_for
+    from .preflight import check_dataset, with_steps
 
     cfg = dataclasses.replace(
         cfg,
@@ -89,22 +93,20 @@ def _resolve_pretrain(cfg: PretrainConfig, *, check_data: bool = True) -> Pretra
         model=dataclasses.replace(cfg.model, init_from=_abs(cfg.model.init_from)),
     )
     if check_data:
-        if not cfg.data.dataset_dir:
-            raise DataError(
-                "data.dataset_dir is not set: build a dataset with `ptft data build` and point data.dataset_dir at it"
-            )
-        check_tokenizer(cfg.data.dataset_dir, cfg.model.init_from or cfg.data.dataset_dir, what="model.init_from")
+        manifest = check_dataset(cfg.data.dataset_dir, cfg.model, on_error=cfg.data.on_error)
+        train = manifest["splits"]["train"]["num_samples"]
+        cfg = with_steps(cfg, max_steps_for(cfg.optim, train, manifest["seq_len"]))  # max_epochs / max_tokens
     return cfg
 
 
-def _resolve_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
+def _resolve_finetune(cfg: FinetuneConfig, *, check_model: bool = True) -> FinetuneConfig:
+    """Absolute paths, the task files resolved and checked; with ``check_model``, the base
+    model too (a pipeline's is made by its pretraining, later)."""
     from .data.labeled import resolve_task
+    from .preflight import check_base_model
 
-    base_config = Path(cfg.base_model or "", "config.json")
-    if cfg.pooling != "cls" and base_config.is_file():  # said before any worker starts
-        from .models import pooling_kwargs
-
-        pooling_kwargs(json.loads(base_config.read_text()).get("model_type", "?"), cfg.pooling, cfg.base_model)
+    if check_model:
+        check_base_model(cfg)  # weights, tokenizer, pooling: said before any worker starts
     return dataclasses.replace(
         cfg, run_dir=_abs(cfg.run_dir), base_model=_abs(cfg.base_model), task=resolve_task(cfg.task, cfg.run_dir)
     )
@@ -240,11 +242,11 @@ def predict(
 
     from .adapters import load_classifier
     from .data.build import DataError
-    from .data.labeled import _rows
+    from .data.labeled import iter_rows
 
     model, tokenizer, names = load_classifier(model_dir)
     texts, pairs, ids = [], [], []
-    for where, row in _rows(input_file):  # a file, or a mongodb:// collection
+    for where, row in iter_rows(input_file):  # a file, or a mongodb:// collection
         for column in (text_column,) + ((text_pair_column,) if text_pair_column else ()):
             if not isinstance(row, dict) or row.get(column) is None:
                 raise DataError(f"{where}: no column {column!r}; set --text-column / --text-pair-column")
@@ -316,7 +318,7 @@ def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
     cfg = dataclasses.replace(cfg, run_dir=str(root), pretrain=pre, finetune=fins)
     prepare_run_dir(root, cfg)
     # Check the labeled data before spending minutes on pretraining.
-    fins = [_resolve_finetune(job) for job in fins]
+    fins = [_resolve_finetune(job, check_model=False) for job in fins]
     with launcher.session(address, use_gpu=pre.scaling.use_gpu or any(j.scaling.use_gpu for j in fins)):
         for job in fins:
             launcher.check_resources(job.scaling, f"finetune[{job.name}]")

@@ -22,7 +22,6 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .config import ModelConfig
-from .data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +148,11 @@ def flops_per_token(config: PretrainedConfig, seq_len: int, mask_fraction: float
     return 6.0 * n_layers * per_layer + 12.0 * n_layers * h * seq_len + 6.0 * h * config.vocab_size * mask_fraction
 
 
-def pooling_kwargs(family: str, pooling: str, where) -> dict:
-    """Config overrides that make the classifier pool the way ``pooling`` says."""
-    if family == "modernbert":
-        return {"classifier_pooling": pooling}
-    if pooling != "cls":
-        raise DataError(
-            f"pooling: {pooling!r} needs a ModernBERT model; {where} is a {family} model, whose classifier reads the "
-            "first token (use pooling: cls)"
-        )
-    return {}
-
-
-def check_fits_dataset(hf_config: PretrainedConfig, manifest: dict, dataset_dir) -> None:
-    """The model takes the dataset's token ids and sample length."""
-    if hf_config.vocab_size < manifest["vocab_size"]:
-        raise DataError(
-            f"model vocab_size {hf_config.vocab_size} < dataset vocab_size {manifest['vocab_size']} ({dataset_dir})"
-        )
-    if manifest["seq_len"] > hf_config.max_position_embeddings:
-        raise DataError(
-            f"dataset seq_len {manifest['seq_len']} > model.max_position_embeddings "
-            f"{hf_config.max_position_embeddings} ({dataset_dir})"
-        )
+def pooling_kwargs(family: str, pooling: str) -> dict:
+    """Config overrides that make the classifier pool the way ``pooling`` says (only
+    ModernBERT can pool otherwise than by the first token: ``preflight.check_base_model``
+    refuses the rest)."""
+    return {"classifier_pooling": pooling} if family == "modernbert" else {}
 
 
 def masked_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -972,8 +972,13 @@ def from_args(args) -> tuple[Plan, str]:
     if args.sweep:
         return _sweep(args)
     target = parse_target(args.gpus, args.nodes, args.gpus_per_node, args.cpus, args.cpu_gflops, args.memory_gib)
-    cfg = load_config(args.config, list(args.overrides), target)
-    p = make_plan(
+    p = _plan_for(args, load_config(args.config, list(args.overrides), target), target)
+    return p, format_plan(p)
+
+
+def _plan_for(args, cfg, target) -> Plan:
+    """The plan of ``cfg`` on ``target`` with the command line's figures."""
+    return make_plan(
         cfg,
         target,
         seq_len=args.seq_len,
@@ -982,7 +987,6 @@ def from_args(args) -> tuple[Plan, str]:
         mfu=args.mfu,
         price_per_gpu_hour=args.price_per_gpu_hour,
     )
-    return p, format_plan(p)
 
 
 def _sweep(args) -> tuple[Plan, str]:
@@ -1013,15 +1017,7 @@ def _sweep(args) -> tuple[Plan, str]:
                 cpus=count, gpus_per_node=args.gpus_per_node, cpu_gflops=args.cpu_gflops, memory_gib=args.memory_gib
             )
         cfg = load_config(args.config, [*args.overrides, f"optim.global_batch_size={per_rank * count}"], target)
-        p = make_plan(
-            cfg,
-            target,
-            seq_len=args.seq_len,
-            vocab_size=args.vocab_size,
-            tokens=args.tokens,
-            mfu=args.mfu,
-            price_per_gpu_hour=args.price_per_gpu_hour,
-        )
+        p = _plan_for(args, cfg, target)
         c = p.configured
         bound = "network" if c.comm_s > c.compute_s else "device"
         if c.max_micro_batch < p.micro_batch:

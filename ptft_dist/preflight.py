@@ -106,28 +106,28 @@ def check_tokenizer_dir(path: str, what: str) -> Path:
 # --------------------------------------------------------------------------- pretraining data
 
 
-def check_dataset(dataset_dir: str | None, model: C.ModelConfig, what: str = "data.dataset_dir") -> dict:
-    """The dataset a pretraining run reads: its manifest, its shard files, the tokenizer hash,
-    and a model that fits its vocabulary and sequence length. Returns the manifest."""
+def check_dataset(
+    dataset_dir: str | None, model: C.ModelConfig, what: str = "data.dataset_dir", on_error: str = "raise"
+) -> dict:
+    """The dataset a pretraining run reads: its manifest, its shard files (missing or short
+    ones are left to the stream when ``on_error`` is ``skip``), the tokenizer hash, and a model
+    that fits its vocabulary and sequence length. Returns the manifest."""
     from .data import files
     from .data.build import check_tokenizer, read_manifest
+    from .data.shards import size_problem
 
     if not dataset_dir:
         raise DataError(f"{what} is not set: build a dataset with `ptft data build` and point {what} at it")
     if not files.is_remote(files.location(dataset_dir)) and not Path(dataset_dir).is_dir():
         raise DataError(f"{what}: dataset directory {dataset_dir} does not exist")
     manifest = read_manifest(dataset_dir)
-    if not files.is_remote(files.location(dataset_dir)):
+    if not files.is_remote(files.location(dataset_dir)) and on_error == "raise":
         for split in ("train", "valid"):
             for shard in manifest["splits"][split]["shards"]:
                 path = Path(dataset_dir, shard["file"])
-                if not path.is_file():
-                    raise DataError(f"{what}: shard {path} listed in manifest.json does not exist")
-                if "num_bytes" in shard and path.stat().st_size != shard["num_bytes"]:
-                    raise DataError(
-                        f"{what}: shard {path} has {path.stat().st_size:,} bytes, manifest.json says "
-                        f"{shard['num_bytes']:,} (a copy cut short?)"
-                    )
+                problem = size_problem(str(path), shard, path.stat().st_size if path.is_file() else None)
+                if problem:
+                    raise DataError(f"{what}: {problem}")
     init_from = model.init_from
     if init_from:
         init = check_model_dir(init_from, "model.init_from", need_tokenizer=False)
@@ -270,7 +270,8 @@ def _held_out(counts: dict[str, int], fraction: float) -> tuple[dict[str, int], 
 def check_task(cfg: C.FinetuneConfig, where: str = "task") -> TaskCheck:
     """Task files exist, have the named columns, the training file at least two labels, the
     other files no label the training file lacks; counts the examples per class."""
-    from .data.labeled import label_order, materialize_trec, read_examples
+    from .data import mongo
+    from .data.labeled import check_known_labels, check_two_labels, label_order, materialize_trec, read_examples
 
     task = cfg.task
     with tempfile.TemporaryDirectory(prefix="ptft-preflight-") as tmp:
@@ -281,27 +282,22 @@ def check_task(cfg: C.FinetuneConfig, where: str = "task") -> TaskCheck:
             )
 
         def read(name: str) -> list[str]:
-            path = Path(getattr(task, name)).expanduser()
-            if not path.is_file():
+            value = getattr(task, name)
+            path = value if mongo.is_mongo(value) else Path(value).expanduser()  # a collection, or a file
+            if isinstance(path, Path) and not path.is_file():
                 raise DataError(f"{where}.{name}: task file {path} does not exist")
             return read_examples(path, task.text_column, task.label_column, task.text_pair_column)[1]
 
-        counts = dict(collections.Counter(read("train_file")))
-        if len(counts) < 2:
-            raise DataError(
-                f"{where}.train_file: {task.train_file}: column {task.label_column!r} has {len(counts)} distinct "
-                "label(s); classification needs at least 2"
-            )
+        train_labels = read("train_file")
+        check_two_labels(task.train_file, task.label_column, train_labels, where=f"{where}.train_file: ")
+        counts = dict(collections.Counter(train_labels))
         other = {}
         for name in ("validation_file", "test_file"):
             if getattr(task, name):
                 labels = read(name)
-                unseen = sorted(set(labels) - set(counts))
-                if unseen:
-                    raise DataError(
-                        f"{where}.{name}: {getattr(task, name)}: labels {unseen[:10]} in column {task.label_column!r} "
-                        f"never occur in the training file {task.train_file}"
-                    )
+                check_known_labels(
+                    getattr(task, name), task.label_column, labels, counts, task.train_file, where=f"{where}.{name}: "
+                )
                 other[name] = len(labels)
     train = dict(counts)
     num_test = other.get("test_file", 0)
@@ -399,7 +395,7 @@ def preflight(command: str, cfg: Any) -> Checked:
         files = sum(len(s.files) for s in sources)
         return Checked(cfg, [f"data build: {files} input file(s), {size / 1e6:,.1f} MB, into {out}"])
     if command == "pretrain":
-        manifest = check_dataset(cfg.data.dataset_dir, cfg.model)
+        manifest = check_dataset(cfg.data.dataset_dir, cfg.model, on_error=cfg.data.on_error)
         run, notes = _pretrain_notes("pretrain", cfg, manifest)
         return Checked(run, notes)
     if command == "finetune":

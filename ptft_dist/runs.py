@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .progress import duration as format_duration
+
 #: A heartbeat younger than this counts as running even when its pid is not on this host.
 RECENT_BEAT_S = 60.0
 DRIVER_FILE = "driver.json"
@@ -269,14 +271,7 @@ def list_runs(folder: str | Path, now: float | None = None) -> list[RunRow]:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def format_table(rows: list[RunRow], root: str | Path | None = None) -> str:

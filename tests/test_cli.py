@@ -90,7 +90,8 @@ def test_list_indices_are_checked():
 def test_each_command_has_its_own_help_and_error_prefix():
     build = _ptft("data", "build", "--help")
     assert "check the inputs (every glob matches" in build.stdout
-    assert "batch arithmetic" not in build.stdout and "--address" not in build.stdout
+    assert "batch arithmetic" not in build.stdout and "--ray-logs" not in build.stdout
+    assert "a Ray cluster to tokenize on" in " ".join(build.stdout.split())  # its own --address
     assert "ptft data build --run-dir runs/data" in build.stdout
     pre = _ptft("pretrain", "--help")
     assert "steps = epochs = tokens" in pre.stdout and "--address" in pre.stdout

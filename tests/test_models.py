@@ -62,3 +62,24 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
     assert len(grads[0][1]) == len(grads[1][1])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_head_only_finetuning_trains_the_whole_head_and_nothing_else(family, tmp_path, tiny_dataset):
+    """peft.method=head: every parameter of the family's head modules trains (BERT's pooler is
+    named bert.pooler.*), the encoder stays frozen."""
+    from preflight_helpers import make_model_dir
+
+    from ptft_dist import adapters
+    from ptft_dist import config as C
+
+    base = make_model_dir(tmp_path / "base", tiny_dataset / "tokenizer", family=family)
+    cfg = C.from_dict(C.FinetuneConfig, {"base_model": str(base), "peft": {"method": "head"}})
+    model, got = adapters.build_classifier(cfg, ["a", "b"], {"zero_optimization": {"stage": 2}})
+    assert got == family
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    heads = models.HEAD_MODULES[family]
+    expected = {n for n, _ in model.named_parameters() if any(f".{h}." in f".{n}" for h in heads)}
+    assert trainable == expected
+    assert any("pooler" in n for n in trainable) == (family == "bert")
+    assert not any(n.startswith(("bert.encoder", "model.layers")) for n in trainable)

@@ -104,3 +104,9 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, tiny_dataset):
     with pytest.raises(FloatingPointError, match=r"step 2: the training loss is not finite on 1 of 1 ranks"):
         pretrain.run(_cfg(tiny_dataset, tmp_path, "optim.max_steps=4", "inject_nonfinite_at_steps=[2]"), World())
     assert not Path(tmp_path, "export").exists()
+
+
+def test_a_run_sized_in_tokens_runs_the_steps_they_make(tmp_path, tiny_dataset):
+    """optim.max_tokens: floor(tokens / (global batch x seq_len)) steps, said in config.yaml."""
+    summary = pretrain.run(_cfg(tiny_dataset, tmp_path, "optim.max_tokens=3000"), World())
+    assert summary["metrics"]["steps"] == 3000 // (16 * 64) and summary["metrics"]["tokens_seen"] == 2 * 16 * 64

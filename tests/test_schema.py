@@ -42,3 +42,19 @@ def test_what_the_loader_refuses_the_schema_refuses(bad):
     with pytest.raises(C.ConfigError):
         C.from_dict(C.PretrainConfig, bad)
     assert list(jsonschema.Draft202012Validator(json_schema("pretrain")).iter_errors(bad))
+
+
+def test_ptft_config_schema_writes_the_schema(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "pretrain.schema.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptft_dist.cli", "config", "schema", "pretrain", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text()) == json_schema("pretrain")

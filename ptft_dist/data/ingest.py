@@ -844,23 +844,3 @@ class Mix:
                 batch, chars = Batch([], [], []), 0
         if batch.texts:
             yield batch
-
-
-def mixed_batches(
-    sources: list[Source],
-    *,
-    text_field: str,
-    min_chars: int,
-    validation_fraction: float,
-    first_pass_only: bool = False,
-    on_error: str = "raise",
-) -> Iterator[Batch]:
-    """The batches of :class:`Mix` (kept as a function for callers that only iterate)."""
-    yield from Mix(
-        sources,
-        text_field=text_field,
-        min_chars=min_chars,
-        validation_fraction=validation_fraction,
-        first_pass_only=first_pass_only,
-        on_error=on_error,
-    )

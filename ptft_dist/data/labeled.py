@@ -41,7 +41,7 @@ def materialize_trec(out_dir: str | Path) -> tuple[Path, Path]:
     return train, test
 
 
-def _rows(path: str | Path):
+def iter_rows(path: str | Path):
     """``(where, row)`` for every example of a task file (csv, tsv, jsonl, parquet: the one
     reader of :func:`.ingest.iter_records`) or a ``mongodb://host/db.collection`` (``row`` is the
     document, ``_id`` included). ``where`` names the file and line, or the collection and ``_id``
@@ -76,7 +76,7 @@ def read_examples(path: str | Path, text_column: str, label_column: str, pair_co
     if not is_mongo and not Path(loc).is_file():
         raise DataError(f"task file {loc} does not exist")
     texts, labels, pairs = [], [], []
-    for i, (where, row) in enumerate(_rows(loc)):
+    for i, (where, row) in enumerate(iter_rows(loc)):
         if i == 0 and isinstance(row, dict):  # alternatives ("sentence|content"): the first the file has
             text_column, label_column = _pick(row, text_column), _pick(row, label_column)
             pair_column = _pick(row, pair_column) if pair_column else None
@@ -110,6 +110,26 @@ def label_order(labels: list[str]) -> list[str]:
         return sorted(unique)
 
 
+def check_two_labels(train_file: str, column: str, labels: list[str], where: str = "") -> None:
+    """A classification task needs at least two distinct labels in its training file."""
+    distinct = len(set(labels))
+    if distinct < 2:
+        raise DataError(
+            f"{where}{mongo.public_uri(str(train_file))}: column {column!r} has {distinct} distinct label(s); "
+            "classification needs at least 2"
+        )
+
+
+def check_known_labels(path: str, column: str, labels: list[str], known, train_file: str, where: str = "") -> None:
+    """Every label of a validation or test file occurs in the training file."""
+    unseen = sorted(set(labels) - set(known))
+    if unseen:
+        raise DataError(
+            f"{where}{mongo.public_uri(str(path))}: labels {unseen[:10]} in column {column!r} never occur in the "
+            f"training file {mongo.public_uri(str(train_file))}"
+        )
+
+
 def _resolved(location: str) -> str:
     """An absolute path (a collection's URI as it is)."""
     if mongo.is_mongo(location):
@@ -127,12 +147,7 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
         )
     train_file = _resolved(task.train_file)
     train_labels = read_examples(train_file, task.text_column, task.label_column, task.text_pair_column)[1]
-    known = set(train_labels)
-    if len(known) < 2:
-        raise DataError(
-            f"{mongo.public_uri(train_file)}: column {task.label_column!r} has {len(known)} distinct label(s); "
-            "classification needs at least 2"
-        )
+    check_two_labels(train_file, task.label_column, train_labels)
     resolved = {}
     for field_name in ("validation_file", "test_file"):
         value = getattr(task, field_name)
@@ -141,11 +156,6 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
             continue
         other = _resolved(value)
         labels = read_examples(other, task.text_column, task.label_column, task.text_pair_column)[1]
-        unseen = sorted(set(labels) - known)
-        if unseen:
-            raise DataError(
-                f"{mongo.public_uri(other)}: labels {unseen[:10]} in column {task.label_column!r} never occur in the "
-                f"training file {mongo.public_uri(train_file)}"
-            )
+        check_known_labels(other, task.label_column, labels, train_labels, train_file)
         resolved[field_name] = str(other)
     return dataclasses.replace(task, train_file=str(train_file), **resolved)

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import adapters, models
+from .. import adapters, models, preflight
 from .. import engine as engine_lib
 from ..classify import Split, batch_of_step, classification_metrics, load_splits
-from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, to_dict
+from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, max_steps_for, to_dict
 from ..data.build import DataError
 from ..progress import heartbeat
 from ..tracking import Tracker, write_summary
@@ -89,12 +89,10 @@ def setup(cfg: FinetuneConfig, world: World) -> Setup:
     """Tokenizer, splits, the classifier with its adapters, the engine and the tracker."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if not cfg.base_model:
-        raise DataError("finetune.base_model is not set: point it at an HF model directory (e.g. a pretraining export)")
-    if not any(Path(cfg.base_model, f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
-        raise DataError(f"base model {cfg.base_model} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    preflight.check_base_model(cfg)  # weights and a tokenizer that belong together; pooling
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     names, train, validation, test = load_splits(cfg)
+    cfg = preflight.with_steps(cfg, max_steps_for(cfg.optim, len(train)))  # a run sized by optim.max_epochs
     if len(train) < cfg.optim.global_batch_size:
         raise DataError(
             f"{cfg.task.train_file}: {len(train)} training examples are fewer than one global batch of "
@@ -252,6 +250,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
     engine_lib.init_distributed(world, cfg.scaling)
     torch.manual_seed(cfg.optim.seed)
     s = setup(cfg, world)
+    cfg = s.cfg  # the run length in steps
     try:
         # 2. the loop: global batch g of an epoch is order[g*G:(g+1)*G]; rank r takes its part
         start = window_time = time.perf_counter()

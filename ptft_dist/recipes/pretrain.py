@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import checkpoint, models
+from .. import checkpoint, models, preflight
 from .. import engine as engine_lib
 from ..checkpoint import TrainState
-from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps, to_dict
-from ..data.build import DataError, check_tokenizer, load_tokenizer, read_manifest, tokenizer_dir
+from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps, max_steps_for, to_dict
+from ..data.build import load_tokenizer, tokenizer_dir
 from ..data.mlm import Masker
 from ..data.stream import ShardStream, collate, new_position, read_all
 from ..progress import STOP_FILE, heartbeat
@@ -225,13 +225,11 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
 
     Returns ``(setup, state, guard)``."""
     dataset_dir = cfg.data.dataset_dir
-    if not dataset_dir:
-        raise DataError("pretrain.data.dataset_dir is not set: build a dataset with `ptft data build` first")
-    manifest = read_manifest(dataset_dir)
-    # the shards' tokenizer must be the model's (and match the manifest's hash)
-    check_tokenizer(
-        dataset_dir, cfg.model.init_from or tokenizer_dir(dataset_dir, manifest), "model.init_from", manifest
-    )
+    # the manifest, the shards' tokenizer (the model's, matching its hash) and the model's fit
+    manifest = preflight.check_dataset(dataset_dir, cfg.model, on_error=cfg.data.on_error)
+    # a run sized by optim.max_epochs or max_tokens, said in steps
+    train_samples = manifest["splits"]["train"]["num_samples"]
+    cfg = preflight.with_steps(cfg, max_steps_for(cfg.optim, train_samples, manifest["seq_len"]))
     tokenizer = load_tokenizer(tokenizer_dir(dataset_dir, manifest))
     run_dir = Path(cfg.run_dir)
 
@@ -245,8 +243,8 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
         hf_config = models.mlm_config(
             cfg.model, vocab_size=manifest["vocab_size"], special_ids=manifest["tokenizer"]["special_ids"]
         )
-        models.check_fits_dataset(hf_config, manifest, dataset_dir)
         ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=hf_config.hidden_size)
+        ds = checkpoint.ds_config_for_resume(ds, resume_dir, world.world_size)
         with engine_lib.model_init_context(ds):
             model = models.build_mlm(cfg.model, hf_config)
         clock = {"progress": 0.0}  # share of time_budget_s spent, shared by rank 0 every step
@@ -262,7 +260,17 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
 
         state = TrainState(tokenizer_sha256=manifest["tokenizer"]["sha256"], wandb_run_id=tracker.run_id)
         if resume_dir:
+            old_world = checkpoint.written_by(resume_dir)
             state = checkpoint.load(engine, resume_dir, world)
+            if old_world != world.world_size and world.is_rank_zero:
+                log.info(
+                    "world size %d -> %d: gradient accumulation %d -> %d (global batch %d)",
+                    old_world,
+                    world.world_size,
+                    cfg.optim.global_batch_size // (cfg.optim.micro_batch_size_per_rank * old_world),
+                    grad_accum_steps(cfg.optim, cfg.scaling),
+                    cfg.optim.global_batch_size,
+                )
             state.wandb_run_id = tracker.run_id
             if cfg.time_budget_s:
                 clock["progress"] = state.train_time_s / cfg.time_budget_s
@@ -481,10 +489,11 @@ def run(
     # 1. validate (a resumed run must match its checkpoint) and set up
     cfg.check()
     if resume_dir:
-        checkpoint.check_compatible(resume_dir, to_dict(cfg), world.world_size)
+        checkpoint.check_compatible(resume_dir, to_dict(cfg))
     engine_lib.init_distributed(world, cfg.scaling)
     torch.manual_seed(cfg.optim.seed)
     s, state, guard = setup(cfg, world, resume_dir, on_checkpoint)
+    cfg = s.cfg  # the run length in steps
     try:
         # 2. the loop: step, agree, log, eval, save
         start_step, start_time, prior_time = state.step, time.perf_counter(), state.train_time_s
