@@ -132,3 +132,10 @@ def test_config_reference_is_generated_from_the_schema():
 
     committed = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     assert committed == render(), "docs/config.md is stale: run `python -m ptft_dist.docgen > docs/config.md`"
+
+
+def test_a_finetune_job_that_would_restart_from_step_0_is_refused():
+    with pytest.raises(C.ConfigError, match=r"scaling.max_failures=1: finetune jobs write no checkpoints"):
+        C.load("finetune", None, ["scaling.max_failures=1"])
+    with pytest.raises(C.ConfigError, match=r"finetune\[0\]\.scaling\.max_failures=2"):
+        C.load("pipeline", "pipeline_tiny", ["finetune.0.scaling.max_failures=2"])
