@@ -130,8 +130,8 @@ def check_dataset(
                     raise DataError(f"{what}: {problem}")
     init_from = model.init_from
     if init_from:
+        check_tokenizer(dataset_dir, init_from, what="model.init_from", manifest=manifest)  # the first to say
         init = check_model_dir(init_from, "model.init_from", need_tokenizer=False)
-        check_tokenizer(dataset_dir, init_from, what="model.init_from")
         vocab, positions = init["vocab_size"], init.get("max_position_embeddings")
         where = f"model.init_from ({init_from})"
     else:

@@ -353,7 +353,7 @@ def test_http_missing_and_corrupt_shards_are_named(uneven, http_root):
     with pytest.raises(DataError, match=rf"{victim} is truncated"):
         _take(_loader(f"{base}/ds", 0, 1, 0)[1], 30)
     (root / "ds" / victim).unlink()
-    with pytest.raises(DataError, match=rf"shard {re.escape(base)}/ds/{victim} is missing"):
+    with pytest.raises(DataError, match=rf"shard {re.escape(base)}/ds/{victim} listed in manifest.json is missing"):
         _take(_loader(f"{base}/ds", 0, 1, 0)[1], 30)
     stream, loader = _loader(f"{base}/ds", 0, 1, 0, on_error="skip")
     keys = [k for b in _take(loader, math.ceil(N / BATCH) + 2) for k, e in zip(b[2], b[1]) if e == 0]
