@@ -444,6 +444,11 @@ class ShardStream(IterableDataset):
         advance(self.position, batch)
 
     @property
+    def epoch(self) -> int:
+        """The latest epoch any loader slot has consumed from (0 before the first batch)."""
+        return max(e for e, _ in self.position["slots"]) if self.position is not None else 0
+
+    @property
     def num_skipped_samples(self) -> int:
         """Samples left out because they or their shard were bad (``on_error='skip'``),
         summed over this stream's loader workers since it was created. Workers read ahead

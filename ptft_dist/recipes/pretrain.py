@@ -390,7 +390,7 @@ def log_metrics(s: Setup, state: TrainState, window: LogWindow) -> LogWindow:
         "samples_per_s": cfg.optim.global_batch_size * steps / (now - window.start_time),
         "step_time_s": (now - window.start_time) / steps,
         "tokens_seen": state.samples_seen * s.seq_len,
-        "epoch": max(e for e, _ in s.stream.state_dict()["slots"]),
+        "epoch": s.stream.epoch,  # no copy of the read position on the step path
         "peak_memory_mb": all_reduce_max([engine_lib.peak_memory_mb(cfg.scaling)])[0],
         "data_skipped_samples": all_reduce_sum([s.stream.num_skipped_samples])[0],
         "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
