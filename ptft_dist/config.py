@@ -276,7 +276,19 @@ class ZeroConfig:
 class ScalingConfig:
     """How many Ray Train workers, and what each one gets."""
 
-    num_workers: int = f(2, "Training workers (data-parallel ranks).")
+    num_workers: int = f(2, "Training workers (data-parallel ranks); with min_workers below it, the most.")
+    min_workers: int | None = f(
+        None,
+        "Elastic pretraining: the fewest workers the run goes on with (None: num_workers, a fixed size). Below "
+        "num_workers, a run that loses workers restarts at once from its newest checkpoint on as many as the cluster "
+        "holds (at least this many), and grows back to num_workers when resources return. Each restart re-derives the "
+        "gradient accumulation, so the global batch stays the same.",
+    )
+    resize_interval_s: float = f(
+        60.0,
+        "Elastic pretraining: how often a healthy run checks whether the cluster can hold more workers (Ray Train's "
+        "elastic_resize_monitor_interval_s); a grow restarts from the newest checkpoint.",
+    )
     cpus_per_worker: float = f(1.0, "CPUs reserved per worker; also its torch thread count (rounded down, at least 1).")
     use_gpu: bool = f(False, "One GPU per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = f(
@@ -286,6 +298,13 @@ class ScalingConfig:
 
     def check(self, path: str) -> None:
         _positive(path, "num_workers", self.num_workers)
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"{path}.min_workers must be between 1 and {path}.num_workers={self.num_workers}, got "
+                f"{self.min_workers!r}"
+            )
+        if self.resize_interval_s < 0:
+            raise ConfigError(f"{path}.resize_interval_s must be >= 0, got {self.resize_interval_s!r}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"{path}.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 
@@ -363,6 +382,12 @@ class PretrainDataConfig:
         False,
         "Write the keys of every sample each rank trains on, per step, to `<run_dir>/ledger/rank<r>.jsonl` (for "
         "audits of exactly-once reading; a resumed step is written again, and its last entry counts).",
+    )
+    elastic_determinism: bool = f(
+        False,
+        "Lay the epoch out by global step instead of by rank: global step t trains on the same samples whatever the "
+        "world size (as MosaicML streaming promises), so a run that shrinks and grows trains on exactly the batches "
+        "of a fixed-size run. Holds while no sample is skipped (data.on_error=skip).",
     )
     verify_shards: bool = f(
         True,
@@ -565,6 +590,11 @@ class FinetuneConfig:
                 f"{_join(path, 'scaling')}.max_failures={self.scaling.max_failures}: finetune jobs write no "
                 "checkpoints, so a restarted job would begin again at step 0; set it to 0 (rerun a failed job instead)"
             )
+        if self.scaling.min_workers not in (None, self.scaling.num_workers):
+            raise ConfigError(
+                f"{_join(path, 'scaling')}.min_workers={self.scaling.min_workers}: elastic scaling is for pretraining; "
+                "finetune jobs write no checkpoints to restart from on another size; leave it unset"
+            )
 
 
 @dataclass(kw_only=True)
@@ -609,17 +639,41 @@ class DataBuildCommandConfig:
 # --------------------------------------------------------------------------- batch arithmetic
 
 
+def worker_counts(scaling: ScalingConfig) -> range:
+    """The world sizes a run may train on: ``[min_workers, num_workers]`` (one size unless elastic)."""
+    low = scaling.num_workers if scaling.min_workers is None else scaling.min_workers
+    return range(low, scaling.num_workers + 1)
+
+
+def at_world_size(scaling: ScalingConfig, world_size: int) -> ScalingConfig:
+    """``scaling`` as a worker group of ``world_size`` workers has it (elastic restarts, manual resizes)."""
+    return dataclasses.replace(scaling, num_workers=world_size)
+
+
 def check_batch(optim: OptimConfig, scaling: ScalingConfig, path: str) -> None:
-    """Raise unless global = micro per rank x accumulation x workers for a whole accumulation."""
-    per_step = optim.micro_batch_size_per_rank * scaling.num_workers
+    """Raise unless global = micro per rank x accumulation x workers for a whole accumulation, at
+    every world size in :func:`worker_counts`, naming the sizes that fail."""
     o, s = _join(path, "optim"), _join(path, "scaling")
-    if optim.global_batch_size % per_step:
+    micro, batch = optim.micro_batch_size_per_rank, optim.global_batch_size
+    failing = [n for n in worker_counts(scaling) if batch % (micro * n)]
+    if not failing:
+        return
+    if scaling.min_workers is None or scaling.min_workers == scaling.num_workers:
+        per_step = micro * scaling.num_workers
         raise ConfigError(
-            f"{o}.global_batch_size={optim.global_batch_size} is not divisible by "
-            f"{o}.micro_batch_size_per_rank={optim.micro_batch_size_per_rank} x "
+            f"{o}.global_batch_size={batch} is not divisible by "
+            f"{o}.micro_batch_size_per_rank={micro} x "
             f"{s}.num_workers={scaling.num_workers} = {per_step}; "
             f"pick a global batch that is a multiple of {per_step}."
         )
+    sizes = list(worker_counts(scaling))
+    multiple = math.lcm(*(micro * n for n in sizes))
+    raise ConfigError(
+        f"{o}.global_batch_size={batch} cannot be split over {', '.join(map(str, failing))} workers "
+        f"({s}.min_workers={scaling.min_workers}..{s}.num_workers={scaling.num_workers}, "
+        f"{o}.micro_batch_size_per_rank={micro}): an elastic run must divide it at every size; pick a multiple of "
+        f"{multiple} or narrow the range."
+    )
 
 
 def grad_accum_steps(optim: OptimConfig, scaling: ScalingConfig) -> int:
