@@ -359,3 +359,67 @@ def test_http_missing_and_corrupt_shards_are_named(uneven, http_root):
     keys = [k for b in _take(loader, math.ceil(N / BATCH) + 2) for k, e in zip(b[2], b[1]) if e == 0]
     assert len(keys) == N - UNEVEN_SIZES[0] == len(set(keys))
     assert stream.num_skipped_samples >= UNEVEN_SIZES[0]
+
+
+# --------------------------------------------------------------------------- elastic determinism
+
+GLOBAL = 24  # samples per global step: micro batch BATCH=4 x accumulation x world size 1, 2, 3 or 6
+
+
+def _global_steps(dataset, world_size, num_workers, steps, *, position=None):
+    """Per global step, the sorted (epoch, sample key) pairs all ranks read (each rank takes GLOBAL / W samples,
+    i.e. GLOBAL / (W x BATCH) micro batches, per step), and each rank's position after them."""
+    per_step = GLOBAL // (world_size * BATCH)
+    keys = [[] for _ in range(steps)]
+    positions = []
+    for rank in range(world_size):
+        stream, loader = _loader(
+            dataset,
+            rank,
+            world_size,
+            num_workers,
+            position=position,
+            num_loader_workers=num_workers,
+            global_batch=GLOBAL,
+            micro_batch=BATCH,
+        )
+        for i, batch in enumerate(_take(loader, steps * per_step)):
+            _check_ids(batch)
+            keys[i // per_step] += [(int(e), k) for e, k in zip(batch.epochs, batch.keys)]
+            stream.advance(batch)
+        positions.append(json.loads(json.dumps(stream.state_dict())))
+    return [sorted(k) for k in keys], positions
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(2, 0), (3, 2), (6, 1)])
+def test_elastic_determinism_gives_each_step_the_same_samples_at_any_world_size(uneven, world_size, num_workers):
+    """Global order: step t trains on the same multiset of samples whatever the world size and
+    loader workers, and every sample comes once per epoch (steps run on across epochs)."""
+    steps = 2 * N // GLOBAL + 2
+    reference, _ = _global_steps(uneven, 1, 0, steps)
+    got, _ = _global_steps(uneven, world_size, num_workers, steps)
+    assert got == reference
+    by_epoch = collections.defaultdict(list)
+    for step in reference:
+        for e, k in step:
+            by_epoch[e].append(k)
+    every = [f"train-{i:09d}" for i in range(N)]
+    assert sorted(by_epoch[0]) == every and sorted(by_epoch[1]) == every, "every sample once per epoch"
+
+
+def test_elastic_determinism_across_world_size_changes(uneven):
+    """2 ranks for 2 steps, then 3 ranks (and other loader workers) for 3, then 1: the steps are
+    those of a fixed single-rank run, and a position saved in one order is refused in the other."""
+    from ptft_dist.data.errors import DataError
+
+    reference, _ = _global_steps(uneven, 1, 0, 2 + 3 + 4)
+    first, positions = _global_steps(uneven, 2, 2, 2)
+    second, positions = _global_steps(uneven, 3, 0, 3, position=positions)
+    third, _ = _global_steps(uneven, 1, 1, 4, position=positions[0])  # a single position stands for all ranks
+    assert first + second + third == reference
+    with pytest.raises(DataError, match="elastic_determinism"):
+        ShardStream(uneven, "train", rank=0, world_size=1, seed=7, shuffle_buffer=5, position=positions[0])
+    with pytest.raises(DataError, match="do not end on a global step"):
+        stream, loader = _loader(uneven, 0, 2, 0, global_batch=GLOBAL, micro_batch=BATCH)
+        stream.advance(next(iter(loader)))  # one micro batch of three: mid step
+        _loader(uneven, 0, 3, 0, position=[stream.state_dict()] * 2, global_batch=GLOBAL, micro_batch=BATCH)

@@ -197,6 +197,58 @@ class Layout:
             t += n
 
 
+@dataclass(frozen=True)
+class GlobalLayout:
+    """Elastic determinism: the epochs laid end to end as one global sequence of positions
+    ``g = 0, 1, ...`` (epoch ``g // N``, epoch position ``g % N``), and global step ``s``
+    trains on ``[start + s*G, start + (s+1)*G)`` whatever the world size. Rank ``r`` of ``W``
+    takes the ``r``-th ``G/W`` of each step, micro batch ``j`` of its ``A = G/(m*W)`` being
+    ``m`` consecutive positions; loader slot ``w`` of ``K`` reads micro batches ``w, w+K, ...``
+    (the DataLoader's round robin), so the rank's ``t``-th sample (``t = q*K + w``) is element
+    ``q % m`` of micro batch ``(q // m)*K + w``."""
+
+    world_size: int
+    num_samples: int
+    global_batch: int
+    micro_batch: int
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.global_batch % (self.micro_batch * self.world_size):
+            raise DataError(
+                f"elastic determinism needs the global batch ({self.global_batch}) divisible by micro batch "
+                f"({self.micro_batch}) x world size ({self.world_size})"
+            )
+
+    @classmethod
+    def of(cls, position: dict, num_samples: int) -> GlobalLayout:
+        layout = position["layout"]
+        return cls(position["world_size"], num_samples, layout["global_batch"], layout["micro_batch"], layout["start"])
+
+    def to_dict(self) -> dict:
+        return {
+            "order": "global",
+            "start": self.start,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+        }
+
+    def positions(self, rank: int, slot: int, num_slots: int, q: np.ndarray) -> np.ndarray:
+        """Global positions of slot ``slot``'s samples ``q`` (its rank indices ``q*K + slot``)."""
+        m, per_rank = self.micro_batch, self.global_batch // self.world_size
+        accum = per_rank // m
+        b = (q // m) * num_slots + slot
+        return self.start + (b // accum) * self.global_batch + rank * per_rank + (b % accum) * m + q % m
+
+
+def _is_global(position: dict) -> bool:
+    return (position.get("layout") or {}).get("order") == "global"
+
+
+def _same_batches(a: dict, b: dict) -> bool:
+    return (a["global_batch"], a["micro_batch"]) == (b["global_batch"], b["micro_batch"])
+
+
 # --------------------------------------------------------------------------- position
 
 
@@ -312,6 +364,48 @@ def rebase(positions: list[dict], num_samples: int, world_size: int, num_slots: 
     }
 
 
+def rebase_global(positions: list[dict], num_samples: int, world_size: int, num_slots: int, layout: dict) -> dict:
+    """The global-order position that continues ``positions`` (one per old rank, or one that
+    stands for every rank) on ``world_size`` ranks, ``num_slots`` loader slots and the global and
+    micro batch of ``layout``: the old ranks consumed whole global steps, so the new layout starts
+    where they ended."""
+    p0 = positions[0]
+    old_w, k = p0["world_size"], p0["num_slots"]
+    per_rank = positions if len(positions) == old_w else positions * old_w
+    old = GlobalLayout.of(p0, num_samples)
+    consumed = [sum(u for _, u in p["slots"]) for p in per_rank]
+    per_step = old.global_batch // old_w
+    if (
+        len(set(consumed)) != 1
+        or consumed[0] % per_step
+        or any(p["batches"] * old.micro_batch != consumed[0] for p in per_rank)
+    ):
+        raise DataError(
+            f"the read positions of the old ranks (samples consumed per rank: {consumed}) do not end on a global step "
+            f"of {old.global_batch}: they cannot be continued on another world size in global order"
+        )
+    new = GlobalLayout(
+        world_size, num_samples, layout["global_batch"], layout["micro_batch"], old.start + sum(consumed)
+    )
+    log.info(
+        "read position (global order) moved from %d ranks x %d slots to %d x %d at global sample %d (step %d)",
+        old_w,
+        k,
+        world_size,
+        num_slots,
+        new.start,
+        sum(consumed) // old.global_batch,
+    )
+    return {
+        "version": POSITION_VERSION,
+        "world_size": world_size,
+        "num_slots": num_slots,
+        "batches": 0,
+        "slots": [[new.start // num_samples, 0] for _ in range(num_slots)],
+        "layout": new.to_dict(),
+    }
+
+
 # --------------------------------------------------------------------------- epoch order
 
 
@@ -364,6 +458,10 @@ class ShardStream(IterableDataset):
             :attr:`num_skipped_samples` and logging a warning that names each.
         verify: check each shard's size and sha256 when a process first opens it.
         manifest: the dataset's manifest when the caller has read it already.
+        global_batch, micro_batch: set both for *elastic determinism* (:class:`GlobalLayout`):
+            global step ``s`` (``global_batch`` samples, ``micro_batch`` per micro batch of
+            every rank) reads the same samples whatever the world size. The training loop must
+            then take exactly ``global_batch / world_size`` samples per step, in order.
     """
 
     def __init__(
@@ -380,7 +478,11 @@ class ShardStream(IterableDataset):
         on_error: str = "raise",
         verify: bool = True,
         manifest: dict | None = None,
+        global_batch: int | None = None,
+        micro_batch: int | None = None,
     ):
+        if (global_batch is None) != (micro_batch is None):
+            raise ValueError("pass both global_batch and micro_batch (elastic determinism), or neither")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
@@ -405,6 +507,9 @@ class ShardStream(IterableDataset):
             self._check_local_files()
         self.position: dict | None = None
         self._num_slots_hint = None if num_loader_workers is None else max(1, num_loader_workers)
+        self._global = None
+        if global_batch is not None:
+            self._global = GlobalLayout(world_size, self.num_samples, global_batch, micro_batch).to_dict()
         if position is not None:
             self.load_state_dict(position)
 
@@ -425,22 +530,39 @@ class ShardStream(IterableDataset):
             raise DataError(
                 f"got {len(positions)} read positions for an old world of {old_w} ranks: pass one per old rank, or one"
             )
-        if old_w == self.world_size and old_k == new_k:
+        if _untouched(positions[0]) and self._global is not None:
+            self.position = self._fresh(new_k)
+        elif _is_global(positions[0]) != (self._global is not None):
+            was = "global" if _is_global(positions[0]) else "per-rank"
+            raise DataError(
+                f"the read position was saved in {was} order (data.elastic_determinism="
+                f"{str(_is_global(positions[0])).lower()}); resume with the same data.elastic_determinism"
+            )
+        elif self._global is not None and not (
+            old_w == self.world_size and old_k == new_k and _same_batches(positions[0]["layout"], self._global)
+        ):
+            self.position = rebase_global(positions, self.num_samples, self.world_size, new_k, self._global)
+        elif old_w == self.world_size and old_k == new_k:
             self.position = positions[self.rank] if len(positions) > 1 else positions[0]
         else:
             self.position = rebase(positions, self.num_samples, self.world_size, new_k)
+
+    def _fresh(self, num_slots: int) -> dict:
+        position = new_position(num_slots, self.world_size)
+        position["layout"] = copy.deepcopy(self._global)
+        return position
 
     def state_dict(self) -> dict:
         """The read position: where the stream starts, advanced by every batch recorded
         with :meth:`advance`. Save it in checkpoints; hand it to ``position=`` to resume."""
         if self.position is None:
-            self.position = new_position(self._num_slots_hint or 1, self.world_size)
+            self.position = self._fresh(self._num_slots_hint or 1)
         return copy.deepcopy(self.position)
 
     def advance(self, batch: Batch) -> None:
         """Record one consumed batch: the position moves past its samples."""
         if self.position is None:
-            self.position = new_position(self._num_slots_hint or 1, self.world_size)
+            self.position = self._fresh(self._num_slots_hint or 1)
         advance(self.position, batch)
 
     @property
@@ -489,9 +611,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
         worker, num_slots = (info.id, info.num_workers) if info else (0, 1)
-        position = (
-            copy.deepcopy(self.position) if self.position is not None else new_position(num_slots, self.world_size)
-        )
+        position = copy.deepcopy(self.position) if self.position is not None else self._fresh(num_slots)
         position["world_size"] = position.get("world_size") or self.world_size
         if position["num_slots"] != num_slots:
             if not _untouched(position):
@@ -501,14 +621,13 @@ class ShardStream(IterableDataset):
                     f"data.num_loader_workers, or pass num_loader_workers={num_slots if info else 0} to ShardStream "
                     "to rebase the position"
                 )
-            position = new_position(num_slots, self.world_size)
+            position = self._fresh(num_slots)
         if position["world_size"] != self.world_size:
             raise DataError(
                 f"the read position is for world size {position['world_size']}, this stream has {self.world_size}: "
                 "pass it as position= to rebase it"
             )
         slot = (worker + position["batches"]) % num_slots
-        layout = Layout.of(position, self.num_samples)
         reader = ShardReader(
             self.dir,
             self.split,
@@ -518,8 +637,13 @@ class ShardStream(IterableDataset):
             rec_bytes=self.manifest["record_bytes"],
             verify=self.verify,
         )
+        consumed = position["slots"][slot][1]
         try:
-            yield from self._slot_items(layout, slot, num_slots, position["slots"][slot][1], reader)
+            if _is_global(position):
+                layout = GlobalLayout.of(position, self.num_samples)
+                yield from self._global_items(layout, slot, num_slots, consumed, reader)
+            else:
+                yield from self._slot_items(Layout.of(position, self.num_samples), slot, num_slots, consumed, reader)
         finally:
             reader.close()
 
@@ -552,6 +676,38 @@ class ShardStream(IterableDataset):
                         f"{self.dir}: every sample of split {self.split!r} that this reader reached in the last "
                         f"{run[0]} was bad (data.on_error=skip); fix or rebuild the dataset"
                     )
+
+    def _global_items(
+        self, layout: GlobalLayout, slot: int, num_slots: int, consumed: int, reader: ShardReader
+    ) -> Iterator[Item]:
+        """The slot's samples in global order (:class:`GlobalLayout`), from its ``consumed``-th on."""
+        window = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
+        chunk = max(layout.micro_batch, READ_CHUNK // num_slots)
+        orders: OrderedDict[int, _EpochOrder] = OrderedDict()
+        bad: dict[int, ShardError] = {}
+        run = [0]
+        q = consumed
+        while True:
+            qs = np.arange(q, q + chunk)
+            g = layout.positions(self.rank, slot, num_slots, qs)
+            epochs, where = g // self.num_samples, g % self.num_samples
+            windows = where // window if window else np.zeros_like(where)
+            cuts = np.nonzero((np.diff(epochs) != 0) | (np.diff(windows) != 0))[0] + 1
+            for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(qs)].tolist()):
+                epoch = int(epochs[lo])
+                if epoch not in orders:
+                    orders[epoch] = _EpochOrder(self.sizes, self.seed, epoch, window)
+                    while len(orders) > 2:
+                        orders.popitem(last=False)
+                order = orders[epoch]
+                located = order.locate(order.unshuffle(where[lo:hi], int(windows[lo])))
+                yield from self._read(slot, epoch, int(qs[lo]) * num_slots + slot, num_slots, located, reader, bad, run)
+                if run[0] > self.num_samples:
+                    raise DataError(
+                        f"{self.dir}: every sample of split {self.split!r} that this reader reached in the last "
+                        f"{run[0]} was bad (data.on_error=skip); fix or rebuild the dataset"
+                    )
+            q += chunk
 
     def _read(
         self,
