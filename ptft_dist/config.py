@@ -294,7 +294,7 @@ class ScalingConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = f(
         "PACK", "Ray placement of the workers over nodes."
     )
-    max_failures: int = f(0, "Worker-group restarts from the last checkpoint before the run fails.")
+    max_failures: int = f(0, "Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
 
     def check(self, path: str) -> None:
         _positive(path, "num_workers", self.num_workers)
@@ -689,6 +689,10 @@ def batch_arithmetic(optim: OptimConfig, scaling: ScalingConfig, seq_len: int | 
     )
     if seq_len:
         text += f" = {optim.global_batch_size * seq_len:,} tokens per step of {seq_len}"
+    sizes = worker_counts(scaling)
+    if len(sizes) > 1:
+        each = ", ".join(f"{grad_accum_steps(optim, at_world_size(scaling, n))} at {n}" for n in sizes)
+        text += f"; elastic {sizes[0]}-{sizes[-1]} workers, accumulation {each}"
     return text
 
 
