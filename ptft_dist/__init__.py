@@ -9,8 +9,9 @@ same checks before Ray starts.
 
 Each run function takes a config object (from :func:`load_config`, or built and changed with
 ``dataclasses.replace``), or the name of a preset / a YAML file plus overrides; it raises
-:class:`ConfigError` or :class:`DataError` naming the field or file before Ray starts. Heavy
-imports (torch, ray, deepspeed) happen inside the calls, not at ``import ptft_dist``.
+:class:`ConfigError` or :class:`DataError` (both a :class:`UserError`) naming the field or file
+before Ray starts. Heavy imports (torch, ray, deepspeed) happen inside the calls, not at
+``import ptft_dist``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import Any
 
 from .config import ConfigError
 from .data.errors import DataError
+from .errors import UserError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
     "DataError",
+    "UserError",
     "build_data",
     "check",
     "finetune",

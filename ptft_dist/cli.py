@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as C
-from .data.errors import DataError
+from .errors import UserError
 from .jobs import Preempted
 
 #: What each training command's --help says, and an example.
@@ -264,7 +264,7 @@ def _config(args) -> int:
         text, _ = config_yaml(args.preset, args.overrides, file=str(out))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
-    except (C.ConfigError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     info = C.preset_info(args.preset)
@@ -277,7 +277,7 @@ def _plan(args) -> int:
 
     try:
         made, text = planner.from_args(args)
-    except C.ConfigError as e:
+    except UserError as e:
         print(f"ptft plan: error: {e}", file=sys.stderr)
         return 2
     print(text)
@@ -344,7 +344,7 @@ def _main(argv: list[str] | None = None) -> int:
                 text_pair_column=args.text_pair_column,
                 max_length=args.max_length,
             )
-        except (DataError, ValueError, OSError) as e:
+        except (ValueError, OSError) as e:  # a UserError, or a model or input file transformers refuses
             print(f"ptft predict: error: {e}", file=sys.stderr)
             return 2
         print(f"predictions: {made['artifacts']['predictions']} ({made['metrics']['num_examples']} examples)")
@@ -390,7 +390,7 @@ def _main(argv: list[str] | None = None) -> int:
                 summary = jobs.finetune(run, address=args.address)
             else:
                 summary = jobs.pipeline(run, address=args.address)
-    except (C.ConfigError, DataError, OSError) as e:
+    except (UserError, OSError) as e:  # ConfigError, DataError: named, one paragraph
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
@@ -407,11 +407,11 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _runs(folder: str) -> int:
-    from .runs import RunsError, format_table, list_runs
+    from .runs import format_table, list_runs
 
     try:
         rows = list_runs(folder)
-    except (RunsError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"ptft runs: error: {e}", file=sys.stderr)
         return 2
     print(format_table(rows, folder) if rows else f"no run directories under {folder}")
@@ -452,11 +452,11 @@ def _print_summary(command: str, cfg, summary: dict) -> None:
 
 
 def _report(run_dirs: list[str], out: str | None) -> int:
-    from .report import ReportError, make_report
+    from .report import make_report
 
     try:
         made = make_report(run_dirs, out)
-    except (ReportError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"ptft report: error: {e}", file=sys.stderr)
         return 2
     print(f"runs: {', '.join(made['runs'])}")

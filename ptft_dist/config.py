@@ -24,8 +24,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem, with the dotted field it concerns in the message."""
 
 

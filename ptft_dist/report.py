@@ -30,11 +30,12 @@ from typing import Any
 import yaml
 
 from .config import redact, secret_values
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A run directory or one of its files that cannot be read, with the file in the message."""
 
 

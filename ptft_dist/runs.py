@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 from .progress import duration as format_duration
 
 #: A heartbeat younger than this counts as running even when its pid is not on this host.
@@ -34,7 +35,7 @@ EVAL_KEYS = ("test_accuracy", "test_macro_f1", "eval_mlm_loss", "eval_mlm_accura
 MAX_DEPTH = 4
 
 
-class RunsError(ValueError):
+class RunsError(UserError):
     """The folder to list does not exist or is not a folder."""
 
 

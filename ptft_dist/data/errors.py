@@ -3,6 +3,8 @@ without importing the others."""
 
 from __future__ import annotations
 
+from ..errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data: the message names the file (and line, column, shard or sample key)."""
