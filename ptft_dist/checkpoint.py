@@ -144,7 +144,7 @@ FROZEN_ON_RESUME = {
     "model": None,
     "zero": ("stage",),
     "optim": ("global_batch_size", "micro_batch_size_per_rank", "seed"),
-    "data": ("dataset_dir", "num_loader_workers"),
+    "data": ("dataset_dir", "num_loader_workers", "elastic_determinism"),
 }
 
 

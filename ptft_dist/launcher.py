@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .config import ConfigError, ScalingConfig, from_dict, to_dict
+from .config import ConfigError, ScalingConfig, from_dict, to_dict, worker_counts
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,16 @@ def check_resources(scaling: ScalingConfig, section: str = "") -> None:
 
     field = f"{section}.scaling" if section else "scaling"
     total = ray.cluster_resources()
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    fewest = worker_counts(scaling)[0]  # an elastic run starts on as many as there is room for
+    name = "min_workers" if fewest < scaling.num_workers else "num_workers"
+    need_cpu = fewest * scaling.cpus_per_worker
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
-            f"{field}: {scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
-            f"but the Ray cluster has {total.get('CPU', 0):g}; lower {field}.num_workers or {field}.cpus_per_worker"
+            f"{field}: {fewest} workers x {scaling.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
+            f"but the Ray cluster has {total.get('CPU', 0):g}; lower {field}.{name} or {field}.cpus_per_worker"
         )
-    if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
-        raise ConfigError(
-            f"{field}: {scaling.num_workers} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs"
-        )
+    if scaling.use_gpu and total.get("GPU", 0) < fewest:
+        raise ConfigError(f"{field}: {fewest} GPU workers, but the Ray cluster has {total.get('GPU', 0):g} GPUs")
 
 
 def _worker_loop(config: dict) -> None:
@@ -207,6 +207,15 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
 
     check_resources(cfg.scaling)
     keep = cfg.checkpoint.keep_last if hasattr(cfg, "checkpoint") else 1
+    sizes = worker_counts(cfg.scaling)
+    elastic = {"elastic_resize_monitor_interval_s": cfg.scaling.resize_interval_s} if len(sizes) > 1 else {}
+    if elastic and not cfg.scaling.max_failures:
+        log.warning(
+            "scaling.min_workers=%d < num_workers=%d but scaling.max_failures=0: the run can grow, but a lost worker "
+            "ends it; set scaling.max_failures (-1: no limit) to go on with fewer",
+            sizes[0],
+            sizes[-1],
+        )
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -215,10 +224,11 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
             "cfg": to_dict(cfg),
         },
         scaling_config=RayScaling(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=(sizes[0], sizes[-1]) if elastic else cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
             placement_strategy=cfg.scaling.placement_strategy,
+            **elastic,
         ),
         run_config=RunConfig(
             name=name,

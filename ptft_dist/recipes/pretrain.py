@@ -23,7 +23,7 @@ rank; this file imports no Ray.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
 import tempfile
@@ -40,10 +40,19 @@ from torch.utils.data import DataLoader
 from .. import checkpoint, models, preflight
 from .. import engine as engine_lib
 from ..checkpoint import TrainState
-from ..config import PretrainConfig, batch_arithmetic, dump_yaml, grad_accum_steps, max_steps_for, to_dict
+from ..config import (
+    PretrainConfig,
+    at_world_size,
+    batch_arithmetic,
+    dump_yaml,
+    grad_accum_steps,
+    max_steps_for,
+    to_dict,
+)
 from ..data.build import load_tokenizer, tokenizer_dir
 from ..data.mlm import Masker
 from ..data.stream import ShardStream, collate, new_position, read_all
+from ..ledger import Ledger
 from ..progress import STOP_FILE, heartbeat
 from ..tracking import Tracker, write_summary
 from ..world import World, all_reduce_max, all_reduce_sum, barrier, collective_batches
@@ -224,6 +233,8 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
     """Model, engine, data and tracker, resumed from ``resume_dir`` when given.
 
     Returns ``(setup, state, guard)``."""
+    # this worker group's size: an elastic restart or a manual resize has another one
+    cfg = dataclasses.replace(cfg, scaling=at_world_size(cfg.scaling, world.world_size))
     dataset_dir = cfg.data.dataset_dir
     # the manifest, the shards' tokenizer (the model's, matching its hash) and the model's fit
     manifest = preflight.check_dataset(dataset_dir, cfg.model, on_error=cfg.data.on_error)
@@ -289,6 +300,11 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
             on_error=cfg.data.on_error,
             verify=cfg.data.verify_shards,
             manifest=manifest,
+            **(
+                {"global_batch": cfg.optim.global_batch_size, "micro_batch": cfg.optim.micro_batch_size_per_rank}
+                if cfg.data.elastic_determinism
+                else {}
+            ),
         )
         loader = DataLoader(
             stream,
@@ -300,10 +316,7 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
         _, eval_ids = read_all(dataset_dir, "valid", limit=cfg.data.num_eval_samples, manifest=manifest)
         eval_inputs, eval_labels = masker.held_out(torch.from_numpy(eval_ids.astype("int64")))
 
-        ledger = None
-        if cfg.data.ledger:
-            (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
-            ledger = open(run_dir / "ledger" / f"rank{world.rank}.jsonl", "a", buffering=1)
+        ledger = Ledger(run_dir, world.rank, world.world_size) if cfg.data.ledger else None
     except BaseException:
         tracker.close()
         raise
@@ -503,7 +516,7 @@ def run(
         while state.step < cfg.optim.max_steps:
             result = train_step(s, state, guard)
             if s.ledger is not None:
-                s.ledger.write(json.dumps({"step": state.step, "keys": result.keys}) + "\n")
+                s.ledger.write(state.step, result.keys)
             heartbeat(s.run_dir, world.rank, state.step)
             # clock decisions are rank 0's; every rank stops and saves at the same step
             now = time.perf_counter()
