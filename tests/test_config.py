@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from ptft_dist import config as C
+from ptft_dist.ds_config import deepspeed_config
 
 
 @pytest.mark.parametrize("preset", C.list_presets())
@@ -83,13 +84,13 @@ def test_deepspeed_config_is_derived():
     cfg = C.load(
         "pretrain", overrides=["zero.stage=3", "optim.global_batch_size=64", "optim.micro_batch_size_per_rank=8"]
     )
-    ds = C.deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=False)
+    ds = deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=False)
     assert ds["train_batch_size"] == 64
     assert ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
     assert ds["bf16"]["enabled"] is False
-    assert C.deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=True)["bf16"]["enabled"] is True
+    assert deepspeed_config(cfg.optim, cfg.zero, cfg.scaling, on_gpu=True)["bf16"]["enabled"] is True
     with pytest.raises(C.ConfigError, match="offload_params needs zero.stage=3"):
         C.load("pretrain", overrides=["zero.offload_params=true"])
 
