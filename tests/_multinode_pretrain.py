@@ -22,6 +22,8 @@ import socket
 import sys
 from pathlib import Path
 
+from helpers import TINY_MODEL  # this script's folder (tests/) is first on sys.path
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -71,10 +73,7 @@ def main(out: Path) -> int:
             "optim.max_steps=4",
             "eval_every_steps=4",
             "tracking.log_every_steps=2",
-            "model.hidden_size=64",
-            "model.num_layers=2",
-            "model.num_heads=2",
-            "model.intermediate_size=128",
+            *TINY_MODEL,
             f"data.dataset_dir={dataset}",
             f"run_dir={out / 'pretrain'}",
         ]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _multinode_pretrain import _free_port  # noqa: E402
+from helpers import TINY_MODEL  # noqa: E402
 
 
 def _beat(run_dir: Path, rank: int) -> dict | None:
@@ -64,10 +65,7 @@ def main(dataset: Path, out: Path) -> int:
             "optim.global_batch_size=32",
             "optim.lr=3e-3",
             "optim.warmup_steps=3",
-            "model.hidden_size=64",
-            "model.num_layers=2",
-            "model.num_heads=2",
-            "model.intermediate_size=128",
+            *TINY_MODEL,
             "eval_every_steps=1000",
             "data.num_eval_samples=16",
             f"data.dataset_dir={dataset}",

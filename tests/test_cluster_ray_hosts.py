@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL
 from netns import hosts_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,10 +233,7 @@ LOSS_RUN = [
     "optim.global_batch_size=32",
     "optim.lr=3e-3",
     "optim.warmup_steps=3",
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=128",
+    *TINY_MODEL,
     "eval_every_steps=1000",
     "data.num_eval_samples=16",
 ]

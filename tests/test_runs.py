@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from helpers import TINY_MODEL
 
 from ptft_dist import config as C
 from ptft_dist import jobs
@@ -96,10 +97,7 @@ def test_a_pipeline_lists_its_steps_and_failed_jobs(tmp_path):
 def test_real_runs_stopped_resumed_and_failed(tiny_dataset, tmp_path, ray_session):
     tiny = [
         f"data.dataset_dir={tiny_dataset}",
-        "model.hidden_size=64",
-        "model.num_layers=2",
-        "model.num_heads=2",
-        "model.intermediate_size=128",
+        *TINY_MODEL,
         "eval_every_steps=1000",
         "data.num_eval_samples=16",
         "optim.max_steps=4",
