@@ -244,30 +244,25 @@ def config_yaml(preset: str, overrides: list[str] = (), file: str | None = None)
 
 
 def _config(args) -> int:
-    where = f"ptft config {args.config_command}"
-    try:
-        if args.config_command == "schema":
-            from .schema import json_schema
+    if args.config_command == "schema":
+        from .schema import json_schema
 
-            text = json.dumps(json_schema(args.schema_command), indent=1) + "\n"
-            if not args.out:
-                print(text, end="")
-                return 0
-            Path(args.out).write_text(text, encoding="utf-8")
-            print(f"wrote {args.out}: put `# yaml-language-server: $schema={args.out}` at the top of a config")
+        text = json.dumps(json_schema(args.schema_command), indent=1) + "\n"
+        if not args.out:
+            print(text, end="")
             return 0
-        if args.config_command == "show":
-            print(config_yaml(args.preset, args.overrides)[0], end="")
-            return 0
-        out = Path(args.file)
-        if out.exists() and not args.force:
-            raise C.ConfigError(f"{out} exists; choose another file or add --force to overwrite it")
-        text, _ = config_yaml(args.preset, args.overrides, file=str(out))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-    except (UserError, OSError) as e:
-        print(f"{where}: error: {e}", file=sys.stderr)
-        return 2
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}: put `# yaml-language-server: $schema={args.out}` at the top of a config")
+        return 0
+    if args.config_command == "show":
+        print(config_yaml(args.preset, args.overrides)[0], end="")
+        return 0
+    out = Path(args.file)
+    if out.exists() and not args.force:
+        raise C.ConfigError(f"{out} exists; choose another file or add --force to overwrite it")
+    text, _ = config_yaml(args.preset, args.overrides, file=str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
     info = C.preset_info(args.preset)
     print(f"wrote {out}: edit it, then run `ptft {NAMES.get(info.command, info.command)} --config {out}`")
     return 0
@@ -276,11 +271,7 @@ def _config(args) -> int:
 def _plan(args) -> int:
     from . import plan as planner
 
-    try:
-        made, text = planner.from_args(args)
-    except UserError as e:
-        print(f"ptft plan: error: {e}", file=sys.stderr)
-        return 2
+    made, text = planner.from_args(args)
     print(text)
     return 0 if made.configured.max_micro_batch >= made.micro_batch else 1
 
@@ -297,16 +288,22 @@ def _presets() -> int:
 def main(argv: list[str] | None = None) -> int:
     """``ptft``: returns the exit code (0 ok, 2 a config or input error, 1 a failed run, 75
     stopped with a checkpoint, 130 interrupted)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    where = f"ptft {NAMES.get(args.command, args.command)}"
+    if args.command == "config":
+        where += f" {args.config_command}"
     try:
-        return _main(argv)
+        return _main(parser, args, where)
     except BrokenPipeError:  # `ptft presets | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (UserError, OSError) as e:  # ConfigError, DataError, ...: named, one paragraph, no traceback
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
 
 
-def _main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, where: str) -> int:
     if args.command == "presets":
         return _presets()
     if args.command == "config":
@@ -329,7 +326,6 @@ def _main(argv: list[str] | None = None) -> int:
         print(json.dumps(found.as_dict(), indent=2) if args.json else doctor.render(found))
         return 0 if found.ok else 1
     command = args.command
-    where = f"ptft {NAMES.get(command, command)}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
@@ -345,8 +341,8 @@ def _main(argv: list[str] | None = None) -> int:
                 text_pair_column=args.text_pair_column,
                 max_length=args.max_length,
             )
-        except (ValueError, OSError) as e:  # a UserError, or a model or input file transformers refuses
-            print(f"ptft predict: error: {e}", file=sys.stderr)
+        except ValueError as e:  # beyond UserError: a model directory or input that cannot be used
+            print(f"{where}: error: {e}", file=sys.stderr)
             return 2
         print(f"predictions: {made['artifacts']['predictions']} ({made['metrics']['num_examples']} examples)")
         return 0
@@ -355,8 +351,8 @@ def _main(argv: list[str] | None = None) -> int:
 
         try:
             summary = jobs.export(args.checkpoint, args.out)
-        except (ValueError, OSError) as e:
-            print(f"ptft export: error: {e}", file=sys.stderr)
+        except ValueError as e:  # beyond UserError: an incomplete or foreign checkpoint (jobs, checkpoint.py)
+            print(f"{where}: error: {e}", file=sys.stderr)
             return 2
         print(f"hf_model: {summary['artifacts']['hf_model']} (step {summary['metrics']['step']})")
         return 0
@@ -391,9 +387,6 @@ def _main(argv: list[str] | None = None) -> int:
                 summary = jobs.finetune(run, address=args.address)
             else:
                 summary = jobs.pipeline(run, address=args.address)
-    except (UserError, OSError) as e:  # ConfigError, DataError: named, one paragraph
-        print(f"{where}: error: {e}", file=sys.stderr)
-        return 2
     except Preempted as e:
         print(f"{where}: {e}", file=sys.stderr)
         return e.exit_code
@@ -410,11 +403,7 @@ def _main(argv: list[str] | None = None) -> int:
 def _runs(folder: str) -> int:
     from .runs import format_table, list_runs
 
-    try:
-        rows = list_runs(folder)
-    except (UserError, OSError) as e:
-        print(f"ptft runs: error: {e}", file=sys.stderr)
-        return 2
+    rows = list_runs(folder)
     print(format_table(rows, folder) if rows else f"no run directories under {folder}")
     return 0
 
@@ -455,11 +444,7 @@ def _print_summary(command: str, cfg, summary: dict) -> None:
 def _report(run_dirs: list[str], out: str | None) -> int:
     from .report import make_report
 
-    try:
-        made = make_report(run_dirs, out)
-    except (UserError, OSError) as e:
-        print(f"ptft report: error: {e}", file=sys.stderr)
-        return 2
+    made = make_report(run_dirs, out)
     print(f"runs: {', '.join(made['runs'])}")
     for path in made["plots"]:
         print(f"plot: {path}")
