@@ -140,3 +140,38 @@ def test_a_finetune_job_that_would_restart_from_step_0_is_refused():
         C.load("finetune", None, ["scaling.max_failures=1"])
     with pytest.raises(C.ConfigError, match=r"finetune\[0\]\.scaling\.max_failures=2"):
         C.load("pipeline", "pipeline_tiny", ["finetune.0.scaling.max_failures=2"])
+
+
+def test_values_are_strict_and_errors_name_the_list_index():
+    with pytest.raises(C.ConfigError, match=r"^finetune\[1\]\.optim\.lr must be a number, got 'fast'$"):
+        C.load("pipeline", overrides=["finetune.1.name=b", "finetune.1.optim.lr=fast"])
+    with pytest.raises(C.ConfigError, match=r"^zero\.stage must be an integer, got 2\.0$"):
+        C.load("pretrain", overrides=["zero.stage=2.0"])
+    with pytest.raises(C.ConfigError, match=r"^tracking\.wandb must be true or false, got 1$"):
+        C.load("pretrain", overrides=["tracking.wandb=1"])
+    with pytest.raises(C.ConfigError, match=r"^run_dir must be a string, got 3$"):
+        C.load("pretrain", overrides=["run_dir=3"])
+    # YAML 1.1 reads 3e-4 (no dot) as a string; a float field takes it as the number
+    assert C.from_dict(C.OptimConfig, {"lr": "3e-4", "betas": [1, "0.5"]}).lr == 3e-4
+    with pytest.raises(C.ConfigError, match=r"^optim\.lr must be a number, got True$"):
+        C.load("pretrain", overrides=["optim.lr=true"])
+
+
+def test_config_deepspeed_and_redaction_modules_import_no_torch():
+    code = (
+        "import sys; import ptft_dist.config, ptft_dist.ds_config, ptft_dist.redaction, ptft_dist.schema; "
+        "print(sorted(m for m in ('torch', 'ray', 'deepspeed', 'wandb') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_user_errors_are_one_family_and_still_value_errors():
+    from ptft_dist.data.errors import DataError
+    from ptft_dist.errors import UserError
+    from ptft_dist.report import ReportError
+    from ptft_dist.runs import RunsError
+
+    for error in (C.ConfigError, DataError, ReportError, RunsError):
+        assert issubclass(error, UserError) and issubclass(error, ValueError)

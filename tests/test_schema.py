@@ -58,3 +58,13 @@ def test_ptft_config_schema_writes_the_schema(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text()) == json_schema("pretrain")
+
+
+@pytest.mark.parametrize("command", list(C.COMMANDS))
+def test_every_section_of_the_schema_is_closed_and_documented(command):
+    sections = json_schema(command).get("$defs", {})
+    assert sections, "the sections are pydantic's $defs"
+    for name, section in sections.items():
+        assert section["additionalProperties"] is False, name
+        undocumented = [field for field, prop in section["properties"].items() if not prop.get("description")]
+        assert not undocumented, f"{name}: {undocumented}"
