@@ -13,9 +13,12 @@ HEADER = """# Config reference
 
 Generated from `ptft_dist/config.py` by `python -m ptft_dist.docgen > docs/config.md`; a test
 fails when this file and the schema disagree. Every command takes `--config FILE|PRESET` and
-dotted overrides (`optim.lr=3e-4 zero.stage=3`); unknown keys and wrong types are errors that
-name the field. `ptft <command> --dry-run` prints the resolved config, the batch arithmetic and
-the derived DeepSpeed JSON.
+dotted overrides (`optim.lr=3e-4 zero.stage=3`, `finetune.0.optim.lr=1e-4` in a pipeline's
+list of jobs); pydantic validates them against these types, and unknown keys and wrong types
+(`2.0` for an integer, `1` for true/false) are errors that name the field and the value.
+`ptft <command> --dry-run` prints the resolved config, the batch arithmetic and the derived
+DeepSpeed JSON; `ptft config schema <command>` writes the JSON Schema (these descriptions) for
+editors that complete and check YAML.
 
 Batch arithmetic: `global_batch_size = micro_batch_size_per_rank x gradient accumulation x
 num_workers`; the accumulation is derived, and a global batch that is not a multiple of
