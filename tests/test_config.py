@@ -175,3 +175,29 @@ def test_user_errors_are_one_family_and_still_value_errors():
 
     for error in (C.ConfigError, DataError, ReportError, RunsError):
         assert issubclass(error, UserError) and issubclass(error, ValueError)
+
+
+def test_every_scalar_field_is_strict():
+    """A plain ``int``/``bool``/``str``/``float`` annotation would let pydantic coerce ("3" -> 3,
+    1 -> true): every scalar field is a StrictInt, StrictBool, StrictStr or C.Number."""
+    import dataclasses
+    import typing
+
+    def loose(tp):
+        if typing.get_origin(tp) is typing.Annotated:
+            base, *meta = typing.get_args(tp)
+            return [] if any(getattr(m, "strict", False) for m in meta) else loose(base)
+        if tp in (int, bool, str, float):
+            return [tp.__name__]
+        return [name for arg in typing.get_args(tp) for name in loose(arg)]
+
+    found, todo, seen = [], list(C.COMMANDS.values()), set()
+    while todo:
+        cls = todo.pop()
+        seen.add(cls)
+        for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+            sections = [a for a in (tp, *typing.get_args(tp)) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+            todo += [s for s in sections if s not in seen]
+            if not sections:
+                found += [f"{cls.__name__}.{name}: {kind}" for kind in loose(tp)]
+    assert not found, found
