@@ -359,9 +359,7 @@ def train_step(s: Setup, state: TrainState, guard: NonfiniteGuard) -> StepResult
         batch = next(s.batches)
         s.stream.advance(batch)
         result.keys += batch.keys
-        inputs, labels = s.masker.train(
-            batch.input_ids, rank=s.world.rank, step=state.step, micro=micro, accum=s.accum
-        )
+        inputs, labels = s.masker.train(batch.input_ids, rank=s.world.rank, step=state.step, micro=micro, accum=s.accum)
         loss = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device)).loss
         if state.step + 1 in cfg.inject_nonfinite_at_steps and s.world.is_rank_zero and micro == 0:
             loss = loss * float("nan")  # fault simulation (tests, drills)
