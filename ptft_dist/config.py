@@ -327,14 +327,20 @@ class ScalingConfig:
     min_workers: StrictInt | None = f(
         None,
         "Elastic pretraining: the fewest workers the run goes on with (None: num_workers, a fixed size). Below "
-        "num_workers, a run that loses workers restarts at once from its newest checkpoint on as many as the cluster "
-        "holds (at least this many), and grows back to num_workers when resources return. Each restart re-derives the "
+        "num_workers, a run that loses workers restarts from its newest checkpoint on as many as the cluster holds "
+        "(at least this many; see start_timeout_s), without waiting for a replacement, and grows back to num_workers when resources return. Each restart re-derives the "
         "gradient accumulation, so the global batch stays the same.",
     )
     resize_interval_s: Number = f(
         60.0,
         "Elastic pretraining: how often a healthy run checks whether the cluster can hold more workers (Ray Train's "
         "elastic_resize_monitor_interval_s); a grow restarts from the newest checkpoint.",
+    )
+    start_timeout_s: Number = f(
+        60.0,
+        "How long a worker group may take to start before Ray Train retries (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). "
+        "An elastic run that lost a node first retries at the old size while Ray still counts the lost node's CPUs, "
+        "and goes on with fewer workers only after this timeout: lower it to shrink sooner.",
     )
     cpus_per_worker: Number = f(
         1.0, "CPUs reserved per worker; also its torch thread count (rounded down, at least 1)."
@@ -354,6 +360,8 @@ class ScalingConfig:
                 f"{path}.min_workers must be between 1 and {path}.num_workers={self.num_workers}, got "
                 f"{self.min_workers!r}"
             )
+        if self.start_timeout_s <= 0:
+            raise ConfigError(f"{path}.start_timeout_s must be > 0, got {self.start_timeout_s!r}")
         if self.resize_interval_s < 0:
             raise ConfigError(f"{path}.resize_interval_s must be >= 0, got {self.resize_interval_s!r}")
         if self.cpus_per_worker <= 0:

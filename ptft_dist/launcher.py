@@ -216,6 +216,8 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
             sizes[0],
             sizes[-1],
         )
+    # Ray Train's controller reads it from the driver's environment when the trainer is made
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.scaling.start_timeout_s:g}"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={

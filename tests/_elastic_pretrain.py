@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _multinode_pretrain import _free_port  # noqa: E402
 from helpers import TINY_MODEL  # noqa: E402
 
-STEPS = 36
-LOSE_AT = 12
+STEPS = 300
+LOSE_AT = 40
 
 
 def _last_entry(run_dir: Path) -> dict | None:
@@ -89,10 +89,10 @@ def main() -> int:
             "scaling.max_failures=-1",
             f"zero.stage={args.stage}",
             f"optim.max_steps={STEPS}",
-            "checkpoint.every_steps=4",
+            "checkpoint.every_steps=10",
             "data.ledger=true",
             "data.elastic_determinism=true",
-            "tracking.log_every_steps=1",
+            "tracking.log_every_steps=10",
             "optim.micro_batch_size_per_rank=8",
             "optim.global_batch_size=32",
             "optim.lr=3e-3",
@@ -106,10 +106,16 @@ def main() -> int:
         with launcher.session(cluster.address):
             straight = None
             if not args.skip_straight:
-                straight = jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={args.out / 'straight'}"]))
+                straight = jobs.pretrain(
+                    C.load("pretrain", "pretrain_tiny", [*common, f"run_dir={args.out / 'straight'}"])
+                )
 
             run_dir = args.out / "elastic"
-            elastic = [] if args.fixed else [f"scaling.min_workers={k}", "scaling.resize_interval_s=3"]
+            elastic = (
+                []
+                if args.fixed
+                else [f"scaling.min_workers={k}", "scaling.resize_interval_s=3", "scaling.start_timeout_s=15"]
+            )
             cfg = C.load("pretrain", "pretrain_tiny", [*common, *elastic, f"run_dir={run_dir}"])
             outcome: dict = {}
             runner = threading.Thread(target=lambda: outcome.update(summary=jobs.pretrain(cfg)))
@@ -126,8 +132,10 @@ def main() -> int:
             else:
                 _wait(
                     "a step on fewer workers",
-                    lambda: (_last_entry(run_dir) or {}).get("world_size") == k
-                    and _last_entry(run_dir)["time"] > timeline["removed"],
+                    lambda: (
+                        (_last_entry(run_dir) or {}).get("world_size") == k
+                        and _last_entry(run_dir)["time"] > timeline["removed"]
+                    ),
                     runner,
                 )
                 timeline["first_small_step"] = _last_entry(run_dir)["time"]
@@ -138,8 +146,10 @@ def main() -> int:
                 cluster.add_node(num_cpus=k)
             _wait(
                 "a step on all workers again",
-                lambda: (_last_entry(run_dir) or {}).get("world_size") == 2 * k
-                and _last_entry(run_dir)["time"] > timeline["added"],
+                lambda: (
+                    (_last_entry(run_dir) or {}).get("world_size") == 2 * k
+                    and _last_entry(run_dir)["time"] > timeline["added"]
+                ),
                 runner,
                 timeout_s=600,
             )

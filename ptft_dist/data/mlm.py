@@ -2,7 +2,10 @@
 
 The mask of a micro batch depends only on (seed, rank, step, micro batch index), so a resumed
 run draws exactly the masks the uninterrupted run would have drawn, without saving any
-generator state. The held-out set has one fixed mask, drawn once from the seed.
+generator state. Under elastic determinism (``global_micro``) it depends on (seed, step, the
+micro batch's index in the global step) instead, which no world size changes: the same
+samples get the same masks on any number of ranks. The held-out set has one fixed mask, drawn
+once from the seed.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ class Masker:
     vocab_size: int
     special_ids: tuple[int, ...]
     seed: int
+    global_micro: bool = False
 
     @classmethod
-    def for_dataset(cls, manifest: dict, mlm_probability: float, seed: int) -> Masker:
+    def for_dataset(cls, manifest: dict, mlm_probability: float, seed: int, *, global_micro: bool = False) -> Masker:
         special = manifest["tokenizer"]["special_ids"]
         return cls(
             mlm_probability=mlm_probability,
@@ -64,6 +68,7 @@ class Masker:
             vocab_size=manifest["vocab_size"],
             special_ids=(special["cls"], special["sep"], special["pad"]),
             seed=seed,
+            global_micro=global_micro,
         )
 
     def _mask(self, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +81,12 @@ class Masker:
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def train(self, ids: torch.Tensor, *, rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) of micro batch ``micro`` of optimizer step ``step`` on ``rank``."""
+    def train(
+        self, ids: torch.Tensor, *, rank: int, step: int, micro: int, accum: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of micro batch ``micro`` (of ``accum``) of optimizer step ``step`` on ``rank``."""
+        if self.global_micro:  # micro batch rank*accum + micro of the global step, whatever the world size
+            return self._mask(ids, ((self.seed * _MIX + step) * _MIX + rank * accum + micro) * 2 + 1)
         return self._mask(ids, ((self.seed * _MIX + rank) * _MIX + step) * MAX_MICRO_BATCHES + micro)
 
     def held_out(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

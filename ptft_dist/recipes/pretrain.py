@@ -312,7 +312,9 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
             num_workers=cfg.data.num_loader_workers,
             collate_fn=collate,
         )
-        masker = Masker.for_dataset(manifest, cfg.data.mlm_probability, cfg.optim.seed)
+        masker = Masker.for_dataset(
+            manifest, cfg.data.mlm_probability, cfg.optim.seed, global_micro=cfg.data.elastic_determinism
+        )
         _, eval_ids = read_all(dataset_dir, "valid", limit=cfg.data.num_eval_samples, manifest=manifest)
         eval_inputs, eval_labels = masker.held_out(torch.from_numpy(eval_ids.astype("int64")))
 
@@ -357,7 +359,7 @@ def train_step(s: Setup, state: TrainState, guard: NonfiniteGuard) -> StepResult
         batch = next(s.batches)
         s.stream.advance(batch)
         result.keys += batch.keys
-        inputs, labels = s.masker.train(batch.input_ids, rank=s.world.rank, step=state.step, micro=micro)
+        inputs, labels = s.masker.train(batch.input_ids, rank=s.world.rank, step=state.step, micro=micro, accum=s.accum)
         loss = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device)).loss
         if state.step + 1 in cfg.inject_nonfinite_at_steps and s.world.is_rank_zero and micro == 0:
             loss = loss * float("nan")  # fault simulation (tests, drills)
