@@ -150,6 +150,29 @@ def check_dataset(
     return manifest
 
 
+def check_continued_tokenizer(init_from: str, tokenizer_path: str | None) -> str:
+    """A pipeline continuing from ``init_from`` tokenizes its data with that model's tokenizer:
+    ``data.tokenizer.path``, when given, must be the same tokenizer (same tokenizer.json hash).
+    Returns the note for ``--dry-run``."""
+    from .data.build import tokenizer_sha256
+
+    model_tok = Path(init_from).expanduser()
+    if not (model_tok / "tokenizer.json").is_file():
+        raise DataError(
+            f"pretrain.model.init_from: {init_from} has no tokenizer.json; continued pretraining tokenizes the new "
+            "text with the model's own tokenizer: use a `ptft pretrain` export (its export/ holds one)"
+        )
+    if tokenizer_path:
+        given, expected = tokenizer_sha256(Path(tokenizer_path).expanduser()), tokenizer_sha256(model_tok)
+        if given != expected:
+            raise DataError(
+                f"data.tokenizer.path={tokenizer_path} (sha256 {given[:12]}...) is not the tokenizer of "
+                f"pretrain.model.init_from={init_from} (sha256 {expected[:12]}...): continued pretraining needs the "
+                f"model's own tokenizer; drop data.tokenizer.path (the pipeline then uses {init_from}'s)"
+            )
+    return f"continued pretraining from {init_from}: the data is tokenized with its tokenizer"
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -420,10 +443,18 @@ def preflight(command: str, cfg: Any) -> Checked:
             f"{cfg.data.seq_len} tokens = {C._si(tokens)} tokens (epochs: known once the data is built)"
         )
         family = cfg.pretrain.model.family
-        if cfg.pretrain.model.init_from:
-            family = check_model_dir(cfg.pretrain.model.init_from, "pretrain.model.init_from", need_tokenizer=False)[
-                "model_type"
-            ]
+        init_from = cfg.pretrain.model.init_from
+        if init_from:
+            family = check_model_dir(init_from, "pretrain.model.init_from", need_tokenizer=False)["model_type"]
+            notes.append(check_continued_tokenizer(init_from, cfg.data.tokenizer.path))
+        if cfg.pretrain_on_task_text:
+            what = "trained on" if cfg.task_text_examples == "trained" else "of the training split of"
+            notes.append(
+                f"task text: the texts {what} each finetune job ({', '.join(j.name for j in cfg.finetune)}) join the "
+                f"corpus with weight {cfg.task_text_weight:g}"
+                + (" as its only text (task_text_only)" if cfg.task_text_only else "")
+                + "; never their validation or test texts"
+            )
         for i, job in enumerate(cfg.finetune):
             if job.pooling != "cls" and family != "modernbert":
                 raise C.ConfigError(
