@@ -447,24 +447,28 @@ def preflight(command: str, cfg: Any) -> Checked:
         if init_from:
             family = check_model_dir(init_from, "pretrain.model.init_from", need_tokenizer=False)["model_type"]
             notes.append(check_continued_tokenizer(init_from, cfg.data.tokenizer.path))
-        if cfg.pretrain_on_task_text:
-            what = "trained on" if cfg.task_text_examples == "trained" else "of the training split of"
-            notes.append(
-                f"task text: the texts {what} each finetune job ({', '.join(j.name for j in cfg.finetune)}) join the "
-                f"corpus with weight {cfg.task_text_weight:g}"
-                + (" as its only text (task_text_only)" if cfg.task_text_only else "")
-                + "; never their validation or test texts"
-            )
         for i, job in enumerate(cfg.finetune):
             if job.pooling != "cls" and family != "modernbert":
                 raise C.ConfigError(
                     f"finetune[{i}].pooling: {job.pooling!r} needs a ModernBERT model; the pipeline pretrains a "
                     f"{family} model (use pooling: cls)"
                 )
-        jobs = []
+        jobs, tasks = [], []
         for i, job in enumerate(cfg.finetune):
-            run, more = _finetune_notes(f"finetune {job.name}", job, check_task(job, f"finetune[{i}].task"))
+            tasks.append(check_task(job, f"finetune[{i}].task"))
+            run, more = _finetune_notes(f"finetune {job.name}", job, tasks[-1])
             jobs.append(run)
             notes += more
+        if cfg.pretrain_on_task_text:
+            if cfg.task_text_examples == "trained":
+                what = ", ".join(f"{t.num_train:,} of job {j.name}" for j, t in zip(cfg.finetune, tasks))
+                what = f"the training texts ({what})"
+            else:
+                what = f"the whole training splits of jobs {', '.join(j.name for j in cfg.finetune)}"
+            notes.append(
+                f"task text: {what} join the corpus with weight {cfg.task_text_weight:g}"
+                + (", as its only text (task_text_only)" if cfg.task_text_only else "")
+                + "; never a validation or test text"
+            )
         return Checked(dataclasses.replace(cfg, finetune=jobs), notes)
     raise ValueError(f"no preflight for command {command!r}")

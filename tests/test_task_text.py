@@ -185,4 +185,5 @@ def test_the_switch_is_checked_and_said_before_anything_runs(tmp_path):
     from ptft_dist.preflight import preflight
 
     checked = preflight("pipeline", C.load("pipeline", "pipeline_tiny", ["pretrain_on_task_text=true"]))
-    assert any(n.startswith("task text: the texts trained on each finetune job (lora, head)") for n in checked.notes)
+    note = "task text: the training texts (5,452 of job lora, 5,452 of job head) join the corpus with weight 1"
+    assert any(n.startswith(note) for n in checked.notes), checked.notes
