@@ -84,8 +84,8 @@ def resolve_max_length(cfg: FinetuneConfig, tokenizer=None, train=None) -> tuple
     chosen = choose_max_length(lengths, positions)
     cut = float(np.mean(np.asarray(lengths) > chosen))
     note = (
-        f"[{cfg.name}] task.max_length={chosen}: the {MAX_LENGTH_QUANTILE:.0%} percentile of the {len(lengths):,} "
-        f"training examples' lengths (median {int(np.median(lengths))}, longest {max(lengths)} tokens"
+        f"[{cfg.name}] task.max_length={chosen}: the {100 * MAX_LENGTH_QUANTILE:.0f}th percentile of the "
+        f"{len(lengths):,} training examples' lengths (median {int(np.median(lengths))}, longest {max(lengths)} tokens"
         + (f", capped by the model's {positions} positions" if positions and chosen == positions else "")
         + f"); {cut:.1%} of them are truncated"
     )

@@ -142,7 +142,7 @@ def test_max_length_is_the_95th_percentile_of_the_training_lengths(general_expor
     with caplog.at_level("INFO", logger="ptft_dist.recipes.finetune"):
         summary = finetune.run(cfg, World())
     assert summary["metrics"]["max_length"] == expected
-    assert f"task.max_length={expected}: the 95% percentile" in caplog.text
+    assert f"task.max_length={expected}: the 95th percentile" in caplog.text
 
     # long documents are capped by the model's positions
     long = tmp_path / "long.csv"
