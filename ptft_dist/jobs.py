@@ -401,7 +401,7 @@ def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
         log.info("[1/3] building the dataset in %s", data_dir)
         data_cfg, task_text = _continued_tokenizer(cfg.data, pre), None
         if cfg.pretrain_on_task_text:
-            data_cfg, task_text = with_task_text(cfg, fins, root / "task_text")
+            data_cfg, task_text = with_task_text(dataclasses.replace(cfg, data=data_cfg), fins, root / "task_text")
         data_summary = build_data(
             dataclasses.replace(data_cfg, output_dir=str(data_dir)), root / "data_build", task_text=task_text
         )
