@@ -61,6 +61,37 @@ def build_classifier(cfg: FinetuneConfig, names: list[str], ds: dict):
     return get_peft_model(model, peft_cfg), family
 
 
+def resolve_max_length(cfg: FinetuneConfig, tokenizer=None, train=None) -> tuple[FinetuneConfig, str | None]:
+    """``cfg`` with ``task.max_length`` set, and the line that says how it was chosen (None
+    when the config gave it): the 95th percentile of the training examples' lengths in tokens
+    under the base model's tokenizer, capped by the model's longest input
+    (:func:`classify.choose_max_length`). ``tokenizer`` and ``train`` (the training split) are
+    loaded from the config when not given."""
+    import dataclasses
+
+    import numpy as np
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .classify import MAX_LENGTH_QUANTILE, choose_max_length, load_splits
+
+    if cfg.task.max_length is not None:
+        return cfg, None
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.base_model)
+    train = train if train is not None else load_splits(cfg)[1]
+    enc = tokenizer(train.texts, train.pairs, truncation=False, verbose=False)["input_ids"]
+    lengths = [len(ids) for ids in enc]
+    positions = models.max_input_tokens(AutoConfig.from_pretrained(cfg.base_model))
+    chosen = choose_max_length(lengths, positions)
+    cut = float(np.mean(np.asarray(lengths) > chosen))
+    note = (
+        f"[{cfg.name}] task.max_length={chosen}: the {100 * MAX_LENGTH_QUANTILE:.0f}th percentile of the "
+        f"{len(lengths):,} training examples' lengths (median {int(np.median(lengths))}, longest {max(lengths)} tokens"
+        + (f", capped by the model's {positions} positions" if positions and chosen == positions else "")
+        + f"); {cut:.1%} of them are truncated"
+    )
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, max_length=chosen)), note
+
+
 def load_classifier(model_dir: str | Path):
     """(model, tokenizer, labels) from a saved adapter (with its base model) or a full model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -74,6 +74,14 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
 
 def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Split]:
     """Label names and the train / validation / test splits (validation may be None)."""
+    names, train, validation, test = carve_splits(cfg)
+    return names, sample_training(cfg, train), validation, test
+
+
+def carve_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Split]:
+    """The splits before ``task.train_examples`` sampling: label names, the training split
+    (``task.train_file`` less what test and validation take of it), validation (may be None)
+    and test. The one place that decides which example goes where."""
     task = cfg.task
 
     def read(path: str) -> tuple[list[str], list[str], list[str] | None]:
@@ -101,10 +109,60 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, Sp
     elif task.validation_fraction > 0 and cfg.eval_every_steps > 0:
         keep, held = stratified_split(train.labels, task.validation_fraction, cfg.optim.seed + 2)
         train, validation = train.take(keep), train.take(held)
-    if task.train_examples is not None and task.train_examples < len(train.labels):
-        _, sample = stratified_split(train.labels, task.train_examples / len(train.labels), cfg.optim.seed + 3)
-        train = train.take(sample)
     return names, train, validation, test
+
+
+def sample_training(cfg: FinetuneConfig, train: Split) -> Split:
+    """The examples a job trains on: a seeded stratified ``task.train_examples`` of the
+    training split (all of it when unset)."""
+    n = cfg.task.train_examples
+    if n is None or n >= len(train.labels):
+        return train
+    _, sample = stratified_split(train.labels, n / len(train.labels), cfg.optim.seed + 3)
+    return train.take(sample)
+
+
+def training_texts(cfg: FinetuneConfig, examples: str = "trained") -> list[str]:
+    """The texts of the examples a job trains on (``examples="trained"``) or of its whole
+    training split (``"training_split"``), labels dropped: a text pair gives its two texts, one
+    after the other. Never a validation or test text, whatever the task files."""
+    _, train, _, _ = carve_splits(cfg)
+    if examples == "trained":
+        train = sample_training(cfg, train)
+    if train.pairs is None:
+        return list(train.texts)
+    return [t for pair in zip(train.texts, train.pairs) for t in pair]
+
+
+def class_weights(labels: list[int], num_classes: int, mode: str) -> list[float] | None:
+    """Per-class weights of the training loss (``task.class_weights``): None for ``none``;
+    ``balanced``: n / (k x n_c) over the n training examples and the k classes that occur in
+    them (a class absent from the split weighs 0: it is never a target); ``sqrt``: the square
+    root of the balanced weights."""
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(float)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+    elif mode != "balanced":
+        raise ValueError(f"task.class_weights must be none, balanced or sqrt, got {mode!r}")
+    return weights.tolist()
+
+
+#: the share of training examples that ``task.max_length`` chosen from the data leaves whole
+MAX_LENGTH_QUANTILE = 0.95
+
+
+def choose_max_length(lengths: list[int], max_positions: int | None) -> int:
+    """``task.max_length`` from the data: the 95th percentile of the training examples' lengths
+    in tokens (special tokens included), at least 8, at most ``max_positions``."""
+    if not lengths:
+        raise ValueError("no training examples to choose task.max_length from")
+    chosen = max(8, int(np.quantile(np.asarray(lengths), MAX_LENGTH_QUANTILE, method="higher")))
+    return min(chosen, max_positions) if max_positions else chosen
 
 
 def bucketed_order(order: np.ndarray, lengths: np.ndarray, global_batch: int, window: int = 50) -> np.ndarray:

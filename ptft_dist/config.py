@@ -328,8 +328,8 @@ class ScalingConfig:
         None,
         "Elastic pretraining: the fewest workers the run goes on with (None: num_workers, a fixed size). Below "
         "num_workers, a run that loses workers restarts from its newest checkpoint on as many as the cluster holds "
-        "(at least this many; see start_timeout_s), without waiting for a replacement, and grows back to num_workers when resources return. Each restart re-derives the "
-        "gradient accumulation, so the global batch stays the same.",
+        "(at least this many; see start_timeout_s) without waiting for a replacement, and grows back to num_workers "
+        "when resources return. Each restart re-derives the gradient accumulation, so the global batch stays the same.",
     )
     resize_interval_s: Number = f(
         60.0,
@@ -547,7 +547,12 @@ class TaskConfig:
     label_column: StrictStr = f(
         "label", "Column (or JSON field) with the label; any values, discovered from the training data."
     )
-    max_length: StrictInt = f(64, "Tokens per example after truncation; batches pad to their longest example.")
+    max_length: StrictInt | None = f(
+        None,
+        "Tokens per example after truncation ([CLS] and [SEP] included); batches pad to their longest example. "
+        "Empty: chosen from the data at the start of the job, the 95th percentile of the training examples' "
+        "lengths, capped by the model's max_position_embeddings (logged, and kept in the job's config.yaml).",
+    )
     train_examples: StrictInt | None = f(
         None,
         "Train on a seeded stratified sample of this many training examples (learning curves, low-data studies); "
@@ -558,9 +563,17 @@ class TaskConfig:
         "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).",
     )
     test_fraction: Number = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
+    class_weights: Literal["none", "balanced", "sqrt"] = f(
+        "none",
+        "Weights of the classes in the training loss, for imbalanced label sets: `none` (plain cross-entropy), "
+        "`balanced` (class c weighs n / (k x n_c) over the training split's n examples and k classes, as "
+        "scikit-learn's `balanced`), `sqrt` (the square root of the balanced weights: a milder correction). Pair it "
+        "with `metric: macro_f1`.",
+    )
 
     def check(self, path: str) -> None:
-        _positive(path, "max_length", self.max_length, minimum=4)
+        if self.max_length is not None:
+            _positive(path, "max_length", self.max_length, minimum=4)
         if self.train_examples is not None:
             _positive(path, "train_examples", self.train_examples, minimum=2)
         if self.train_file is None and (self.test_file is not None or self.validation_file is not None):
@@ -681,9 +694,46 @@ class PipelineConfig:
         "allow, and one failing does not stop the others. Their base model and run dirs "
         "(`<run_dir>/finetune/<name>`) are set by the pipeline.",
     )
+    pretrain_on_task_text: StrictBool = f(
+        False,
+        "Add the finetune jobs' training texts (labels dropped) to the pretraining corpus: task-adaptive pretraining. "
+        "Only the examples a job trains on are added (its validation and test examples never are, nor what the "
+        "recipe carves out of `task.train_file` for them), from any task source (files or collections); jobs with "
+        "the same training texts add them once. They are written to `<run_dir>/task_text/<job>.jsonl` and read as "
+        "one more input each; the manifest's `task_text` records them.",
+    )
+    task_text_weight: Number = f(
+        1.0,
+        "Mixing weight of the task text (with pretrain_on_task_text), as `data.input_weights`: each training text is "
+        "written this many times per pass over the corpus (2 doubles its share, 0.5 keeps a fixed half).",
+    )
+    task_text_examples: Literal["trained", "training_split"] = f(
+        "trained",
+        "Which task texts are added: `trained`, exactly the examples the job trains on (after "
+        "`task.train_examples` sampling); `training_split`, the job's whole training split before that sampling "
+        "(in a low-label study, the unlabeled rest of the split is in-domain text too). Never validation or test.",
+    )
+    task_text_only: StrictBool = f(
+        False,
+        "With pretrain_on_task_text: pretrain on the task text alone (self-pretraining); `data.inputs` is not read.",
+    )
 
     def check(self, path: str = "") -> None:
         self.data.check(_join(path, "data"))
+        if not 0 < self.task_text_weight < float("inf"):
+            raise ConfigError(
+                f"{_join(path, 'task_text_weight')} must be a positive number, got {self.task_text_weight!r}"
+            )
+        if self.task_text_only and not self.pretrain_on_task_text:
+            raise ConfigError(
+                f"{_join(path, 'task_text_only')} is true but {_join(path, 'pretrain_on_task_text')} is false: there "
+                "would be no corpus; set pretrain_on_task_text: true"
+            )
+        if self.task_text_only and self.data.inputs:
+            raise ConfigError(
+                f"{_join(path, 'task_text_only')}: the task text is the whole corpus, yet {_join(path, 'data.inputs')} "
+                f"lists {len(self.data.inputs)} input(s); empty it, or set task_text_only: false to mix them"
+            )
         self.pretrain.check(_join(path, "pretrain"))
         if not self.finetune:
             raise ConfigError(f"{_join(path, 'finetune')} lists no job")

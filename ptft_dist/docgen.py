@@ -51,14 +51,15 @@ def render() -> str:
         out.append(
             f"\n## {TITLES[command]}\n\nDefault preset: `{C.DEFAULT_PRESETS[command]}`. {(cls.__doc__ or '').strip()}\n"
         )
+        rows = C.field_docs(cls)
         if command == "pipeline":
             out.append(
-                "Fields: `run_dir`, `data.*` (as in `ptft data build`), `pretrain.*` (as in `ptft pretrain`), "
-                "`finetune.*` (as in `ptft finetune`).\n"
+                "Fields: `data.*` (as in `ptft data build`), `pretrain.*` (as in `ptft pretrain`), `finetune.*` (as in "
+                "`ptft finetune`), and the pipeline's own:\n"
             )
-            continue
+            rows = [r for r in rows if not r[0].startswith(("data.", "pretrain.")) and r[0] != "finetune"]
         out.append("| field | type | default | meaning |\n| --- | --- | --- | --- |")
-        for name, type_name, default, doc in C.field_docs(cls):
+        for name, type_name, default, doc in rows:
             out.append(f"| `{name}` | {type_name.replace('|', '/')} | {_fmt(default)} | {doc.replace('|', '/')} |")
     return "\n".join(out) + "\n"
 

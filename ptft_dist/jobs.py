@@ -46,9 +46,12 @@ def _read_summary(run_dir: str | Path, what: str, result: Any = None) -> dict:
     return json.loads(path.read_text())
 
 
-def build_data(cfg: DataBuildConfig, run_dir: str | Path, *, address: str | None = None) -> dict:
+def build_data(
+    cfg: DataBuildConfig, run_dir: str | Path, *, address: str | None = None, task_text: list[dict] | None = None
+) -> dict:
     """``ptft data build``: returns the summary (the dataset's manifest counts). With a Ray
-    ``address`` the tokenizing runs on that cluster (``data.engine: ray``)."""
+    ``address`` the tokenizing runs on that cluster (``data.engine: ray``); ``task_text``: the
+    inputs a pipeline added from its finetune jobs (:func:`with_task_text`), for the manifest."""
     from .data.build import build
 
     if address:
@@ -56,7 +59,7 @@ def build_data(cfg: DataBuildConfig, run_dir: str | Path, *, address: str | None
     out_dir = Path(cfg.output_dir or Path(run_dir, "data"))
     start = time.perf_counter()
     try:
-        manifest = build(cfg, out_dir, address=address)
+        manifest = build(cfg, out_dir, address=address, task_text=task_text)
     except OSError as e:  # disk full, permissions: say where, whatever the library said
         where = f"{e.filename}" if e.filename else str(out_dir)
         raise OSError(
@@ -107,9 +110,21 @@ def _resolve_finetune(cfg: FinetuneConfig, *, check_model: bool = True) -> Finet
 
     if check_model:
         check_base_model(cfg)  # weights, tokenizer, pooling: said before any worker starts
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg, run_dir=_abs(cfg.run_dir), base_model=_abs(cfg.base_model), task=resolve_task(cfg.task, cfg.run_dir)
     )
+    return _with_max_length(cfg) if check_model else cfg
+
+
+def _with_max_length(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``task.max_length`` chosen from the data here, when the config leaves it empty, and
+    logged: the workers and the job's config.yaml get the number."""
+    from .adapters import resolve_max_length
+
+    cfg, note = resolve_max_length(cfg)
+    if note:
+        log.info("%s", note)
+    return cfg
 
 
 class Preempted(RuntimeError):
@@ -287,6 +302,67 @@ def predict(
     return {"metrics": {"num_examples": len(texts)}, "artifacts": {"predictions": str(out.resolve())}}
 
 
+def with_task_text(cfg: PipelineConfig, jobs_: list[FinetuneConfig], out_dir: str | Path) -> tuple[Any, list[dict]]:
+    """The data build of a pipeline with ``pretrain_on_task_text``: each finetune job's training
+    texts (:func:`classify.training_texts`: the split the job trains on, never its validation or
+    test examples) written to ``<out_dir>/<job>.jsonl`` under ``data.text_field`` and added to
+    ``data.inputs`` with ``task_text_weight`` (alone with ``task_text_only``). Jobs whose training
+    texts are the same share one file. Returns the build config and the manifest's ``task_text``
+    entries (``input``, ``jobs``, ``task``, ``num_examples``). ``jobs_`` are resolved (absolute
+    task files)."""
+    from .classify import training_texts
+    from .data import mongo
+    from .data.build import default_corpus
+
+    data = cfg.data
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries: list[dict] = []
+    seen: dict[tuple, dict] = {}
+    for job in jobs_:
+        texts = training_texts(job, cfg.task_text_examples)
+        key = tuple(texts)
+        if key in seen:  # the same training texts (one task, two methods): added once
+            seen[key]["jobs"].append(job.name)
+            continue
+        path = out / f"{job.name}.jsonl"
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({data.text_field: t}, ensure_ascii=False) + "\n" for t in texts)
+        seen[key] = entry = {
+            "input": str(path),
+            "jobs": [job.name],
+            "task": mongo.public_uri(str(job.task.train_file)),
+            "examples": cfg.task_text_examples,
+            "num_texts": len(texts),
+        }
+        entries.append(entry)
+        log.info(
+            "task text: %d training texts of finetune job %s (%s) added to the corpus with weight %g",
+            len(texts),
+            job.name,
+            entry["task"],
+            cfg.task_text_weight,
+        )
+    if cfg.task_text_only:
+        inputs, weights = [], []
+    else:
+        inputs = list(data.inputs) or default_corpus()
+        weights = list(data.input_weights) or [1.0] * len(inputs)
+    inputs += [e["input"] for e in entries]
+    weights += [cfg.task_text_weight] * len(entries)
+    return dataclasses.replace(data, inputs=inputs, input_weights=weights), entries
+
+
+def _continued_tokenizer(data: DataBuildConfig, pre: PretrainConfig) -> DataBuildConfig:
+    """A pipeline that continues pretraining from ``pretrain.model.init_from`` builds its data
+    with that model's tokenizer (token ids must mean the words the model learned), unless
+    ``data.tokenizer.path`` names one (preflight checks it is the same)."""
+    if not pre.model.init_from or data.tokenizer.path:
+        return data
+    log.info("continued pretraining: the data is tokenized with the tokenizer of %s", pre.model.init_from)
+    return dataclasses.replace(data, tokenizer=dataclasses.replace(data.tokenizer, path=_abs(pre.model.init_from)))
+
+
 def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
     """``ptft pipeline``: data build -> pretrain -> the finetune jobs, in one Ray session.
 
@@ -323,7 +399,12 @@ def pipeline(cfg: PipelineConfig, *, address: str | None = None) -> dict:
         for job in fins:
             launcher.check_resources(job.scaling, f"finetune[{job.name}]")
         log.info("[1/3] building the dataset in %s", data_dir)
-        data_summary = build_data(dataclasses.replace(cfg.data, output_dir=str(data_dir)), root / "data_build")
+        data_cfg, task_text = _continued_tokenizer(cfg.data, pre), None
+        if cfg.pretrain_on_task_text:
+            data_cfg, task_text = with_task_text(dataclasses.replace(cfg, data=data_cfg), fins, root / "task_text")
+        data_summary = build_data(
+            dataclasses.replace(data_cfg, output_dir=str(data_dir)), root / "data_build", task_text=task_text
+        )
         log.info("[2/3] pretraining")
         pre_summary = pretrain(pre)
         log.info("[3/3] finetuning: %d job(s)", len(fins))
@@ -375,6 +456,7 @@ def run_finetune_jobs(jobs_: list[FinetuneConfig]) -> dict[str, dict]:
     def one(job: FinetuneConfig) -> dict:
         started = time.time()
         try:
+            job = _with_max_length(job)  # the base model exists now: pretraining made it
             prepare_run_dir(job.run_dir, job)
             launcher.fit("finetune", job, name="finetune")
             out = _read_summary(job.run_dir, f"finetune job {job.name}")

@@ -148,6 +148,15 @@ def flops_per_token(config: PretrainedConfig, seq_len: int, mask_fraction: float
     return 6.0 * n_layers * per_layer + 12.0 * n_layers * h * seq_len + 6.0 * h * config.vocab_size * mask_fraction
 
 
+def max_input_tokens(hf_config: PretrainedConfig) -> int | None:
+    """The longest input the model takes, in tokens (RoBERTa numbers positions from
+    pad_token_id + 1: two of its slots are never used)."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    return positions - 2 if hf_config.model_type == "roberta" else positions
+
+
 def pooling_kwargs(family: str, pooling: str) -> dict:
     """Config overrides that make the classifier pool the way ``pooling`` says (only
     ModernBERT can pool otherwise than by the first token: ``preflight.check_base_model``

@@ -715,6 +715,12 @@ def make_plan(
             raise ConfigError("base_model is not set: the planner reads the model's size from its config.json")
         shape, vocab_note = _shape_from_hf_dir(cfg.base_model, "base_model", 0.0)
         seq = seq_len or cfg.task.max_length
+        if not seq:
+            seq = 128
+            assumptions.append(
+                f"sequence length {seq}: task.max_length is chosen from the data when the job starts (--seq-len to "
+                "change)"
+            )
         mask_fraction = 0.0  # a classification head: no vocabulary projection
         total, trainable = classifier_params(shape, cfg)
         checkpointing = False

@@ -150,6 +150,29 @@ def check_dataset(
     return manifest
 
 
+def check_continued_tokenizer(init_from: str, tokenizer_path: str | None) -> str:
+    """A pipeline continuing from ``init_from`` tokenizes its data with that model's tokenizer:
+    ``data.tokenizer.path``, when given, must be the same tokenizer (same tokenizer.json hash).
+    Returns the note for ``--dry-run``."""
+    from .data.build import tokenizer_sha256
+
+    model_tok = Path(init_from).expanduser()
+    if not (model_tok / "tokenizer.json").is_file():
+        raise DataError(
+            f"pretrain.model.init_from: {init_from} has no tokenizer.json; continued pretraining tokenizes the new "
+            "text with the model's own tokenizer: use a `ptft pretrain` export (its export/ holds one)"
+        )
+    if tokenizer_path:
+        given, expected = tokenizer_sha256(Path(tokenizer_path).expanduser()), tokenizer_sha256(model_tok)
+        if given != expected:
+            raise DataError(
+                f"data.tokenizer.path={tokenizer_path} (sha256 {given[:12]}...) is not the tokenizer of "
+                f"pretrain.model.init_from={init_from} (sha256 {expected[:12]}...): continued pretraining needs the "
+                f"model's own tokenizer; drop data.tokenizer.path (the pipeline then uses {init_from}'s)"
+            )
+    return f"continued pretraining from {init_from}: the data is tokenized with its tokenizer"
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -420,20 +443,32 @@ def preflight(command: str, cfg: Any) -> Checked:
             f"{cfg.data.seq_len} tokens = {C._si(tokens)} tokens (epochs: known once the data is built)"
         )
         family = cfg.pretrain.model.family
-        if cfg.pretrain.model.init_from:
-            family = check_model_dir(cfg.pretrain.model.init_from, "pretrain.model.init_from", need_tokenizer=False)[
-                "model_type"
-            ]
+        init_from = cfg.pretrain.model.init_from
+        if init_from:
+            family = check_model_dir(init_from, "pretrain.model.init_from", need_tokenizer=False)["model_type"]
+            notes.append(check_continued_tokenizer(init_from, cfg.data.tokenizer.path))
         for i, job in enumerate(cfg.finetune):
             if job.pooling != "cls" and family != "modernbert":
                 raise C.ConfigError(
                     f"finetune[{i}].pooling: {job.pooling!r} needs a ModernBERT model; the pipeline pretrains a "
                     f"{family} model (use pooling: cls)"
                 )
-        jobs = []
+        jobs, tasks = [], []
         for i, job in enumerate(cfg.finetune):
-            run, more = _finetune_notes(f"finetune {job.name}", job, check_task(job, f"finetune[{i}].task"))
+            tasks.append(check_task(job, f"finetune[{i}].task"))
+            run, more = _finetune_notes(f"finetune {job.name}", job, tasks[-1])
             jobs.append(run)
             notes += more
+        if cfg.pretrain_on_task_text:
+            if cfg.task_text_examples == "trained":
+                what = ", ".join(f"{t.num_train:,} of job {j.name}" for j, t in zip(cfg.finetune, tasks))
+                what = f"the training texts ({what})"
+            else:
+                what = f"the whole training splits of jobs {', '.join(j.name for j in cfg.finetune)}"
+            notes.append(
+                f"task text: {what} join the corpus with weight {cfg.task_text_weight:g}"
+                + (", as its only text (task_text_only)" if cfg.task_text_only else "")
+                + "; never a validation or test text"
+            )
         return Checked(dataclasses.replace(cfg, finetune=jobs), notes)
     raise ValueError(f"no preflight for command {command!r}")

@@ -225,6 +225,42 @@ def test_labeled_tasks_from_collections(mongo_server, tmp_path):
         read_examples(train, "text", "label")
 
 
+def test_task_text_from_a_task_collection_is_its_training_split(mongo_server, tmp_path):
+    """pretrain_on_task_text reads a task kept in collections like one kept in files: the texts
+    added are the training split of the collection, not its test or validation documents."""
+    import dataclasses
+
+    from ptft_dist import config as C
+    from ptft_dist import jobs
+    from ptft_dist.classify import load_splits
+
+    rows = [
+        {"_id": f"{i:04d}", "sentence": f"question {i} about {WORDS[i % 7]}", "label": WORDS[i % 3]} for i in range(120)
+    ]
+    train = _insert(mongo_server, "tasks.tt_train", rows)
+    test = _insert(mongo_server, "tasks.tt_test", [dict(r, _id=f"t{i}") for i, r in enumerate(rows[:9])])
+    export = tmp_path / "train.jsonl"
+    export.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_id"}) + "\n" for r in rows))
+    common = ["pretrain_on_task_text=true", "finetune.0.task.text_column=sentence", "finetune.0.eval_every_steps=5"]
+    common += ["finetune.0.task.validation_fraction=0.25", "data.text_field=body"]
+    from_db = C.load("pipeline", "pipeline_tiny", [*common, f"finetune.0.task.train_file={train}"])
+    from_file = C.load("pipeline", "pipeline_tiny", [*common, f"finetune.0.task.train_file={export}"])
+    got = {}
+    for name, cfg in (("db", from_db), ("file", from_file)):
+        job = cfg.finetune[0]
+        job = dataclasses.replace(job, task=resolve_task(job.task, tmp_path / name))
+        _, entries = jobs.with_task_text(cfg, [job], tmp_path / name)
+        got[name] = [json.loads(line)["body"] for line in Path(entries[0]["input"]).read_text().splitlines()]
+        assert got[name] == load_splits(job)[1].texts
+    assert got["db"] == got["file"] and 70 < len(got["db"]) < 90, "test (10%) and validation (25%) held out"
+    assert entries[0]["task"] == str(export)
+
+    job = dataclasses.replace(from_db.finetune[0], task=C.TaskConfig(train_file=train, test_file=test))
+    job = dataclasses.replace(job, task=dataclasses.replace(job.task, text_column="sentence"))
+    _, entries = jobs.with_task_text(from_db, [job], tmp_path / "with_test")
+    assert entries[0]["task"] == train and entries[0]["num_texts"] == len(load_splits(job)[1])
+
+
 def _tiny_base_model(tmp_path, tokenizer_dir) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 

@@ -221,8 +221,9 @@ def check_tokenizer(
     if found != expected:
         raise DataError(
             f"the tokenizer of {what} ({files.location(other_dir)}, sha256 {found[:12]}...) is not the one "
-            f"{files.location(dataset_dir)} was built with (sha256 {expected[:12]}...): rebuild the data with "
-            f"data.tokenizer.path={files.location(other_dir)}"
+            f"{files.location(dataset_dir)} was built with (sha256 {expected[:12]}...): token ids would mean other "
+            f"words. Build the data with that tokenizer, `ptft data build --run-dir <new dir> data.inputs=[...] "
+            f"data.tokenizer.path={files.location(other_dir)}`, and point data.dataset_dir at <new dir>/data"
         )
 
 
@@ -434,10 +435,19 @@ def _nothing_usable(sources: list[Source], skipped: dict[str, int]) -> str:
 # --------------------------------------------------------------------------- build
 
 
-def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True, address: str | None = None) -> dict:
+def build(
+    cfg: DataBuildConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    address: str | None = None,
+    task_text: list[dict] | None = None,
+) -> dict:
     """Build a dataset directory; returns the manifest. Raises DataError on bad input.
     With ``data.engine: ray`` the tokenizing runs on the Ray cluster at ``address`` (or the
-    session already open; else a local one is started for the build)."""
+    session already open; else a local one is started for the build). ``task_text``: entries
+    naming inputs that hold finetune jobs' training texts (each with its ``input``); the
+    manifest records them under ``task_text``, with the documents each wrote."""
     if cfg.engine == "ray":
         import ray
 
@@ -445,7 +455,7 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True, a
             from .. import launcher
 
             with launcher.session(address):
-                return build(cfg, out_dir, progress=progress)
+                return build(cfg, out_dir, progress=progress, task_text=task_text)
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds a dataset ({MANIFEST}); choose another output directory or remove it")
@@ -573,6 +583,16 @@ def build(cfg: DataBuildConfig, out_dir: str | Path, *, progress: bool = True, a
             for split in ("train", "valid")
         },
     }
+    if task_text:
+        by_input = {s.pattern: s for s in sources}
+        manifest["task_text"] = [
+            dict(
+                entry,
+                num_documents=dict(by_input[entry["input"]].num_documents),
+                weight=by_input[entry["input"]].weight,
+            )
+            for entry in task_text
+        ]
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)  # the manifest appears last: its presence means complete

@@ -11,6 +11,9 @@ Features:
     - the same global batches on any world size: a seeded permutation per epoch, cut into
       global batches, each rank taking its slice; examples of similar length are batched
       together (length bucketing) and each micro batch pads to its longest example
+    - ``task.max_length`` chosen from the data when unset (95th percentile of the training
+      lengths, capped by the model's positions); class-weighted loss for imbalanced labels
+      (``task.class_weights``)
     - validation every E steps: the best weights (by accuracy or macro-F1) are kept for the
       test, with early stopping
     - test accuracy, macro-F1, per-class precision/recall, confusion matrix, predictions file
@@ -36,7 +39,7 @@ import torch
 
 from .. import adapters, models, preflight
 from .. import engine as engine_lib
-from ..classify import Split, batch_of_step, classification_metrics, load_splits
+from ..classify import Split, batch_of_step, class_weights, classification_metrics, load_splits
 from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, max_steps_for, to_dict
 from ..data.build import DataError
 from ..progress import heartbeat
@@ -76,6 +79,8 @@ class Setup:
     accum: int
     lengths: np.ndarray
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    #: per-class weights of the loss (task.class_weights), or None for plain cross-entropy
+    loss_weights: torch.Tensor | None = None
 
     def held(self) -> list[torch.Tensor]:
         """The trainable weights this rank holds (its ZeRO-3 partition, or the whole tensor)."""
@@ -93,6 +98,9 @@ def setup(cfg: FinetuneConfig, world: World) -> Setup:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     names, train, validation, test = load_splits(cfg)
     cfg = preflight.with_steps(cfg, max_steps_for(cfg.optim, len(train)))  # a run sized by optim.max_epochs
+    cfg, length_note = adapters.resolve_max_length(cfg, tokenizer, train)  # task.max_length from the data
+    if length_note and world.is_rank_zero:
+        log.info("%s", length_note)
     if len(train) < cfg.optim.global_batch_size:
         raise DataError(
             f"{cfg.task.train_file}: {len(train)} training examples are fewer than one global batch of "
@@ -124,6 +132,17 @@ def setup(cfg: FinetuneConfig, world: World) -> Setup:
             len(test),
             batch_arithmetic(cfg.optim, cfg.scaling),
         )
+    weights = class_weights(train.labels, len(names), cfg.task.class_weights)
+    if weights is not None and world.is_rank_zero:
+        present = [w for w in weights if w > 0]
+        log.info(
+            "[%s] class weights (%s): %.3g to %.3g over %d classes",
+            cfg.name,
+            cfg.task.class_weights,
+            min(present),
+            max(present),
+            len(present),
+        )
     pairs = train.pairs or [""] * len(train)
     return Setup(
         cfg=cfg,
@@ -142,6 +161,7 @@ def setup(cfg: FinetuneConfig, world: World) -> Setup:
         accum=grad_accum_steps(cfg.optim, cfg.scaling),
         lengths=np.array([len(t) + len(p) for t, p in zip(train.texts, pairs)]),
         trainable=[p for p in engine.module.parameters() if p.requires_grad],
+        loss_weights=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=engine.device),
     )
 
 
@@ -191,10 +211,14 @@ def train_step(s: Setup, step: int) -> tuple[int, float, int]:
         lo = (m * world.world_size + world.rank) * micro
         ids = batch[lo : lo + micro].tolist()
         labels = torch.tensor([s.train.labels[i] for i in ids], device=s.engine.device)
-        out = s.engine(**encode(s, s.train, ids), labels=labels)
-        s.engine.backward(out.loss)
+        if s.loss_weights is None:
+            loss = s.engine(**encode(s, s.train, ids), labels=labels).loss
+        else:  # class-weighted cross-entropy: the weighted mean over the micro batch
+            logits = s.engine(**encode(s, s.train, ids)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=s.loss_weights)
+        s.engine.backward(loss)
         s.engine.step()
-        loss_sum += out.loss.item()
+        loss_sum += loss.item()
     return epoch, loss_sum, s.accum
 
 
@@ -350,6 +374,7 @@ def write_results(s: Setup, pred: list[int], artifacts: dict, best: Best, step: 
         "trainable_params": s.num_trainable,
         "total_params": s.num_params,
         "steps": step,
+        "max_length": cfg.task.max_length,
         "best_step": best.step if best.weights is not None else step,
         "best_val_" + cfg.metric: best.score if best.weights is not None else None,
         "train_time_s": train_time_s,
