@@ -61,6 +61,7 @@ def main() -> int:
     parser.add_argument("--per-node", type=int, default=1)
     parser.add_argument("--fixed", action="store_true")
     parser.add_argument("--skip-straight", action="store_true")
+    parser.add_argument("--start-timeout", type=float, default=15.0, help="scaling.start_timeout_s of the elastic run")
     args = parser.parse_args()
     from ray.cluster_utils import Cluster
 
@@ -111,11 +112,13 @@ def main() -> int:
                 )
 
             run_dir = args.out / "elastic"
-            elastic = (
-                []
-                if args.fixed
-                else [f"scaling.min_workers={k}", "scaling.resize_interval_s=3", "scaling.start_timeout_s=15"]
-            )
+            elastic = [
+                f"scaling.min_workers={k}",
+                "scaling.resize_interval_s=3",
+                f"scaling.start_timeout_s={args.start_timeout:g}",
+            ]
+            if args.fixed:
+                elastic = []
             cfg = C.load("pretrain", "pretrain_tiny", [*common, *elastic, f"run_dir={run_dir}"])
             outcome: dict = {}
             runner = threading.Thread(target=lambda: outcome.update(summary=jobs.pretrain(cfg)))

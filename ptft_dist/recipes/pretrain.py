@@ -272,7 +272,17 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
         state = TrainState(tokenizer_sha256=manifest["tokenizer"]["sha256"], wandb_run_id=tracker.run_id)
         if resume_dir:
             old_world = checkpoint.written_by(resume_dir)
+            started = time.perf_counter()
             state = checkpoint.load(engine, resume_dir, world)
+            # how long the resume took, and from which world size (a row of its own in metrics.jsonl)
+            tracker.log(
+                {
+                    "checkpoint_load_s": time.perf_counter() - started,
+                    "resumed_from_world_size": old_world,
+                    "world_size": world.world_size,
+                },
+                state.step,
+            )
             if old_world != world.world_size and world.is_rank_zero:
                 log.info(
                     "world size %d -> %d: gradient accumulation %d -> %d (global batch %d)",
@@ -480,14 +490,18 @@ def save(s: Setup, state: TrainState) -> None:
     every rank hands the directory to ``on_checkpoint`` (Ray: ``ray.train.report``)."""
     heartbeat(s.run_dir, s.world.rank, state.step, "checkpoint")
     state.data_position = s.stream.state_dict()
+    started = time.perf_counter()
     if s.on_checkpoint is None:
         target = s.run_dir / "checkpoints" / f"step_{state.step:08d}"
         checkpoint.save(s.engine, target, s.world, state, s.config_yaml)
+        s.tracker.log({"checkpoint_save_s": time.perf_counter() - started}, state.step)
         return
     with tempfile.TemporaryDirectory(prefix="ptft-ckpt-") as tmp:
         checkpoint.save(s.engine, tmp, s.world, state, s.config_yaml)
         barrier()
         s.on_checkpoint(tmp, {"step": state.step, **s.eval_metrics})
+    # written and handed over (under Ray: persisted to the run's storage)
+    s.tracker.log({"checkpoint_save_s": time.perf_counter() - started}, state.step)
 
 
 # --------------------------------------------------------------------------- the recipe

@@ -1,0 +1,178 @@
+"""Elastic pretraining: how fast a run goes on after a node loss, and what resharding costs.
+
+    python benchmarks/elastic.py [--skip-loss] [--skip-checkpoint] [--stages 2 3]
+
+(a) **Node loss** (``tests/_elastic_pretrain.py`` on a 2-node ``ray.cluster_utils.Cluster``, 1
+    worker per node, tiny model): seconds from removing the node that holds a worker to the next
+    training step, elastic (``scaling.min_workers=1``: goes on with 1 worker;
+    ``scaling.start_timeout_s`` 15 and Ray's default 60) vs fixed size (today's behaviour: the
+    run waits; a replacement node is added 20 s after the loss).
+(b) **Checkpoint write and load** on a ~50M-parameter ModernBERT, 2 workers, ZeRO stage 2 and 3:
+    the write (every rank its ZeRO shard, as ``checkpoint_save_s`` in metrics.jsonl), the load
+    on the same 2 workers (the shards as written) and on 1 worker (DeepSpeed's universal
+    conversion, then the load; ``checkpoint_load_s``).
+
+Prints a table and, last, one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from ptft_dist import config as C  # noqa: E402
+from ptft_dist import jobs, launcher  # noqa: E402
+from ptft_dist.tracking import read_metrics  # noqa: E402
+
+SCRIPT = ROOT / "tests" / "_elastic_pretrain.py"
+#: ~50M parameters (ModernBERT, vocabulary 8192)
+MODEL_50M = [
+    "model.family=modernbert",
+    "model.hidden_size=640",
+    "model.num_layers=8",
+    "model.num_heads=10",
+    "model.intermediate_size=2560",
+]
+
+
+def tiny_dataset(work: Path) -> Path:
+    from ptft_dist.config import DataBuildConfig, TokenizerConfig
+    from ptft_dist.data.build import build
+
+    out = work / "tiny"
+    cfg = DataBuildConfig(
+        max_documents=2000,
+        seq_len=64,
+        samples_per_shard=100,
+        validation_fraction=0.05,
+        tokenizer=TokenizerConfig(vocab_size=1000),
+    )
+    build(cfg, out, progress=False)
+    return out
+
+
+def wiki_dataset(work: Path) -> Path:
+    out = work / "data"
+    jobs.build_data(
+        C.load("data", overrides=[f"data.output_dir={out}", "data.samples_per_shard=2048"]).data, work / "build"
+    )
+    return out
+
+
+def node_loss(dataset: Path, work: Path, variant: str) -> dict:
+    """One run of tests/_elastic_pretrain.py; the seconds of its timeline after the loss."""
+    args = {"elastic": [], "elastic-60": ["--start-timeout", "60"], "fixed": ["--fixed"]}[variant]
+    ray_tmp = tempfile.mkdtemp(prefix="ptft-el-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    try:
+        r = subprocess.run(
+            [
+                sys.executable,
+                ROOT / "tests" / "_elastic_pretrain.py",
+                dataset,
+                work / variant,
+                "--skip-straight",
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if r.returncode:
+        raise RuntimeError(f"{variant}: exit {r.returncode}\n{(r.stdout + r.stderr)[-4000:]}")
+    t = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))["timeline"]
+    return {k: round(v - t["removed"], 1) for k, v in t.items() if k != "removed"}
+
+
+def checkpoint_times(dataset: Path, work: Path, stage: int) -> dict:
+    """Write with 2 workers; load on 2 (as written) and on 1 (universal conversion)."""
+    run_dir = work / f"ckpt-z{stage}"
+    common = [
+        *MODEL_50M,
+        f"zero.stage={stage}",
+        "optim.max_steps=2",
+        "optim.micro_batch_size_per_rank=4",
+        "optim.global_batch_size=8",
+        "eval_every_steps=1000",
+        "data.num_eval_samples=8",
+        f"data.dataset_dir={dataset}",
+        f"run_dir={run_dir}",
+    ]
+    jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "stop_at_step=1"]))
+    rows = read_metrics(run_dir)
+    save_s = [r["checkpoint_save_s"] for r in rows if "checkpoint_save_s" in r][-1]
+    # nothing left to train at max_steps=1: each resume only loads (and exports)
+    jobs.pretrain(C.load("pretrain", "pretrain_tiny", [*common, "optim.max_steps=1"]))
+    same = [r["checkpoint_load_s"] for r in read_metrics(run_dir) if "checkpoint_load_s" in r][-1]
+    summary = jobs.pretrain(
+        C.load("pretrain", "pretrain_tiny", [*common, "optim.max_steps=1", "scaling.num_workers=1"])
+    )
+    other = [r for r in read_metrics(run_dir) if "checkpoint_load_s" in r][-1]
+    assert other["resumed_from_world_size"] == 2 and other["world_size"] == 1
+    size = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
+    return {
+        "stage": stage,
+        "save_s": round(save_s, 2),
+        "load_same_world_s": round(same, 2),
+        "load_other_world_s": round(other["checkpoint_load_s"], 2),
+        "checkpoint_mb": round(size / 2**20, 1),
+        "parameters": summary["metrics"].get("parameters"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-loss", action="store_true")
+    parser.add_argument("--skip-checkpoint", action="store_true")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="ptft-elastic-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict = {"node_loss": {}, "checkpoint": []}
+    if not args.skip_loss:
+        dataset = tiny_dataset(work)
+        for variant in ("elastic", "elastic-60", "fixed"):
+            out["node_loss"][variant] = node_loss(dataset, work, variant)
+            print(variant, out["node_loss"][variant], flush=True)
+    if not args.skip_checkpoint:
+        dataset = wiki_dataset(work)
+        with launcher.session(num_cpus=2):
+            for stage in args.stages:
+                out["checkpoint"].append(checkpoint_times(dataset, work, stage))
+                print(out["checkpoint"][-1], flush=True)
+
+    print("\nnode loss -> next step (s):")
+    for variant, t in out["node_loss"].items():
+        nxt = t.get("first_small_step", t.get("first_full_step"))
+        print(f"  {variant:<11} next step after {nxt:6.1f}   back on all workers after {t['first_full_step']:6.1f}")
+    print("\ncheckpoints (~50M parameters, 2 workers):")
+    print(f"  {'stage':>5} {'write':>8} {'load 2->2':>10} {'load 2->1':>10} {'size MB':>8}")
+    for c in out["checkpoint"]:
+        print(
+            f"  {c['stage']:>5} {c['save_s']:>8.2f} {c['load_same_world_s']:>10.2f} "
+            f"{c['load_other_world_s']:>10.2f} {c['checkpoint_mb']:>8.1f}"
+        )
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
