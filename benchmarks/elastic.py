@@ -1,6 +1,6 @@
 """Elastic pretraining: how fast a run goes on after a node loss, and what resharding costs.
 
-    python benchmarks/elastic.py [--skip-loss] [--skip-checkpoint] [--stages 2 3]
+    python benchmarks/elastic.py [--skip-loss] [--skip-checkpoint] [--skip-stream] [--stages 2 3]
 
 (a) **Node loss** (``tests/_elastic_pretrain.py`` on a 2-node ``ray.cluster_utils.Cluster``, 1
     worker per node, tiny model): seconds from removing the node that holds a worker to the next
@@ -11,6 +11,8 @@
     the write (every rank its ZeRO shard, as ``checkpoint_save_s`` in metrics.jsonl), the load
     on the same 2 workers (the shards as written) and on 1 worker (DeepSpeed's universal
     conversion, then the load; ``checkpoint_load_s``).
+(c) **Reading in global order** (elastic determinism) vs per-rank order: samples/s of one
+    rank's stream of 2, WikiText-2 shards, shuffle window 1000, interleaved rounds.
 
 Prints a table and, last, one JSON line of the figures.
 """
@@ -137,23 +139,50 @@ def checkpoint_times(dataset: Path, work: Path, stage: int) -> dict:
     }
 
 
+def stream_rates(dataset: Path, rounds: int = 3, batches: int = 400) -> dict:
+    """Samples/s of rank 0 of 2 reading ``batches`` micro batches of 16, per-rank vs global order."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from ptft_dist.data.stream import ShardStream, collate
+
+    rates: dict[str, list[float]] = {"rank": [], "global": []}
+    for _ in range(rounds):
+        for order, extra in (("rank", {}), ("global", {"global_batch": 64, "micro_batch": 16})):
+            stream = ShardStream(dataset, "train", rank=0, world_size=2, seed=0, shuffle_buffer=1000, **extra)
+            it = iter(DataLoader(stream, batch_size=16, num_workers=0, collate_fn=collate))
+            next(it)  # shard checks and the first window
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            rates[order].append(16 * batches / (time.perf_counter() - start))
+    best = {k: max(v) for k, v in rates.items()}
+    return {"samples_per_s": {k: round(v) for k, v in best.items()}, "global_over_rank": best["global"] / best["rank"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-loss", action="store_true")
     parser.add_argument("--skip-checkpoint", action="store_true")
+    parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ptft-elastic-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    out: dict = {"node_loss": {}, "checkpoint": []}
+    out: dict = {"node_loss": {}, "checkpoint": [], "stream": None}
     if not args.skip_loss:
         dataset = tiny_dataset(work)
         for variant in ("elastic", "elastic-60", "fixed"):
             out["node_loss"][variant] = node_loss(dataset, work, variant)
             print(variant, out["node_loss"][variant], flush=True)
-    if not args.skip_checkpoint:
+    if not (args.skip_checkpoint and args.skip_stream):
         dataset = wiki_dataset(work)
+    if not args.skip_stream:
+        out["stream"] = stream_rates(dataset)
+        print("stream", out["stream"], flush=True)
+    if not args.skip_checkpoint:
         with launcher.session(num_cpus=2):
             for stage in args.stages:
                 out["checkpoint"].append(checkpoint_times(dataset, work, stage))
@@ -169,6 +198,12 @@ def main() -> int:
         print(
             f"  {c['stage']:>5} {c['save_s']:>8.2f} {c['load_same_world_s']:>10.2f} "
             f"{c['load_other_world_s']:>10.2f} {c['checkpoint_mb']:>8.1f}"
+        )
+    if out["stream"]:
+        rates = out["stream"]["samples_per_s"]
+        print(
+            f"\nstream (rank 0 of 2): per-rank order {rates['rank']:,} samples/s, global order {rates['global']:,} "
+            f"({out['stream']['global_over_rank']:.2f}x)"
         )
     print(json.dumps(out))
     return 0

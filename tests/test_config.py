@@ -49,6 +49,24 @@ def test_batch_arithmetic_is_validated_once_with_every_factor():
     assert C.grad_accum_steps(cfg.optim, cfg.scaling) == 4
 
 
+def test_an_elastic_batch_must_divide_at_every_world_size_and_the_failing_sizes_are_named():
+    elastic = ["scaling.num_workers=4", "scaling.min_workers=2", "optim.micro_batch_size_per_rank=8"]
+    with pytest.raises(C.ConfigError) as e:
+        C.load("pretrain", overrides=[*elastic, "optim.global_batch_size=64"])
+    msg = str(e.value)
+    assert "cannot be split over 3 workers" in msg and "min_workers=2..scaling.num_workers=4" in msg
+    assert "multiple of 96" in msg
+    cfg = C.load("pretrain", overrides=[*elastic, "optim.global_batch_size=96"])
+    assert list(C.worker_counts(cfg.scaling)) == [2, 3, 4]
+    line = C.batch_arithmetic(cfg.optim, cfg.scaling)
+    assert "elastic 2-4 workers, accumulation 6 at 2, 4 at 3, 3 at 4" in line
+    assert C.grad_accum_steps(cfg.optim, C.at_world_size(cfg.scaling, 3)) == 4
+    with pytest.raises(C.ConfigError, match=r"scaling\.min_workers must be between 1 and scaling\.num_workers=4"):
+        C.load("pretrain", overrides=[*elastic, "scaling.min_workers=5"])
+    with pytest.raises(C.ConfigError, match=r"elastic scaling is for pretraining"):
+        C.load("finetune", overrides=["scaling.num_workers=2", "scaling.min_workers=1"])
+
+
 def test_pipeline_errors_name_the_nested_section():
     with pytest.raises(C.ConfigError, match=r"pretrain\.optim\.global_batch_size=10"):
         C.load("pipeline", overrides=["pretrain.optim.global_batch_size=10"])
