@@ -7,7 +7,8 @@ file build against the same build at an earlier commit.
     (c) local build from train.raw.gz, wall s, this tree vs --compare-ref (the reader before the
         garbage checks and sources were added)                           goal: within noise (~1.0)
     (d) --ray: data.engine=ray on a ray.cluster_utils.Cluster of 1 and of 2 nodes of one CPU
-        each vs the local engine (tests/_ray_build.py, a process per cluster)
+        each vs the local engine (tests/_ray_build.py, a process per cluster), from the JSONL
+        export cut into --split-mb parts (the tasks read, tokenize, pack and write)
                                                                          goal: 2 nodes >= 1.7 x 1 node
 
 The MongoDB side is served by nx-27017 (a MongoDB wire-protocol server over SQLite, in memory)
@@ -15,7 +16,7 @@ on a free loopback port and read with the standard pymongo client, as a build re
 server; a real mongod would be a different (likely faster) server, so (a) and (b) say what the
 client path costs at most. Wall times are the best of --repeats alternating runs.
 
-Run: .venv/bin/python benchmarks/data_sources.py [--repeats 2] [--compare-ref ba94277]
+Run: .venv/bin/python benchmarks/data_sources.py [--repeats 2] [--compare-ref ba94277] [--ray [--split-mb 1]]
 Prints a table, then one JSON line with every figure (the last line).
 """
 
@@ -87,15 +88,16 @@ def read_only(source: Source) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
-def ray_build(out: Path, nodes: int, source: str, tokenizer: Path) -> dict:
+def ray_build(out: Path, nodes: int, source: str, tokenizer: Path, split_mb: float) -> dict:
     """tests/_ray_build.py in a process of its own, with a private RAY_TMPDIR."""
     ray_tmp = tempfile.mkdtemp(prefix="ptft-rb-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    settings = {"seq_len": SEQ_LEN, "shard_size_mb": 2, "split_mb": split_mb}
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PTFT_TEST_BUILD=json.dumps(settings))
     env.pop("RAY_ADDRESS", None)
     script = Path(__file__).resolve().parents[1] / "tests" / "_ray_build.py"
     try:
         got = subprocess.run(
-            [sys.executable, str(script), str(out), str(nodes), source, str(tokenizer)],
+            [sys.executable, str(script), str(out), str(nodes), str(tokenizer), source],
             capture_output=True,
             text=True,
             env=env,
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compare-ref", default=None, help="git commit whose local build (c) is compared")
     ap.add_argument("--ray", action="store_true", help="(d): the Ray engine on 1 and 2 nodes")
+    ap.add_argument("--split-mb", type=float, default=1.0, help="(d): data.split_mb of the Ray builds")
     ap.add_argument("--skip-mongo", action="store_true", help="leave out (a) and (b)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -183,7 +186,9 @@ def main() -> None:
         ray_runs = {1: [], 2: []}
         for r in range(args.repeats if args.ray else 0):
             for nodes in (1, 2):
-                ray_runs[nodes].append(ray_build(work / f"ray{nodes}-{r}", nodes, str(export), tokenizer))
+                ray_runs[nodes].append(
+                    ray_build(work / f"ray{nodes}-{r}", nodes, str(export), tokenizer, args.split_mb)
+                )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -224,13 +229,21 @@ def main() -> None:
     if args.ray:
         one, two = (min(ray_runs[k], key=lambda x: x["ray_s"]) for k in (1, 2))
         local_s = min(x["local_s"] for k in (1, 2) for x in ray_runs[k])
+        runs = [x for k in (1, 2) for x in ray_runs[k]]
+
+        def counts(m: dict) -> list:
+            return [(m["splits"][s]["num_documents"], m["splits"][s]["num_samples"]) for s in ("train", "valid")]
+
         fig["ray"] = {
+            "split_mb": args.split_mb,
+            "num_parts": one["ray"]["build"]["num_parts"],
             "ray_1_node_s": one["ray_s"],
             "ray_2_nodes_s": two["ray_s"],
             "local_s": local_s,
             "speedup_2_vs_1": one["ray_s"] / two["ray_s"],
-            "same_shards": all(x["ray_shards"] == x["local_shards"] for k in (1, 2) for x in ray_runs[k]),
-            "nodes_used_by_2": len(set(two["actor_nodes"])),
+            "same_manifest_1_vs_2_nodes": all(x["ray"] == runs[0]["ray"] for x in runs),
+            "same_counts_as_local": all(counts(x["ray"]) == counts(x["local"]) for x in runs),
+            "nodes_used_by_2": len(set(two["task_nodes"])),
             "walls": {k: [x["ray_s"] for x in ray_runs[k]] for k in (1, 2)},
         }
         print("\n| figure | 1 node | 2 nodes | local engine | 2 vs 1 | goal |\n| --- | --- | --- | --- | --- | --- |")
@@ -238,7 +251,11 @@ def main() -> None:
             f"| (d) build wall s | {one['ray_s']:.2f} | {two['ray_s']:.2f} | {local_s:.2f} | "
             f"**{fig['ray']['speedup_2_vs_1']:.2f}x** | >= 1.7x |"
         )
-        print(f"identical shards (Ray vs local, every run): {fig['ray']['same_shards']}")
+        print(
+            f"split_mb {args.split_mb}: identical manifests and shards on 1 and 2 nodes: "
+            f"{fig['ray']['same_manifest_1_vs_2_nodes']}; documents and samples per split as the local build: "
+            f"{fig['ray']['same_counts_as_local']}; nodes used by the 2-node build: {fig['ray']['nodes_used_by_2']}"
+        )
     print(json.dumps(fig))
     shutil.rmtree(work, ignore_errors=True)
 

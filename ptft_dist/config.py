@@ -97,10 +97,12 @@ class TokenizerConfig:
 
 @section
 class MongoSourceConfig:
-    """How `mongodb://` inputs are read (every collection of `inputs` alike), with pymongo."""
+    """How `mongodb://` collections are read (every collection of the section alike), with pymongo."""
 
     filter: dict | None = f(None, 'Query document (MongoDB extended JSON allowed), e.g. `{"lang": "en"}`.')
-    projection: dict | None = f(None, "Projection document. Default: only `text_field` (and `_id`).")
+    projection: dict | None = f(
+        None, "Projection document. Default: only the fields read (`text_field`; a task's columns) and `_id`."
+    )
     sort: dict | None = f(
         None, 'Order as a mapping of field -> 1 or -1, e.g. `{"date": 1}`; `_id` is added last. Default: `_id`.'
     )
@@ -158,8 +160,21 @@ class DataBuildConfig:
     mongo: MongoSourceConfig = f(factory=MongoSourceConfig, doc="Reading `mongodb://host/db.collection` inputs.")
     engine: Literal["local", "ray"] = f(
         "local",
-        "`local`: tokenize with processes on this machine. `ray`: tokenize on Ray actors over the cluster's nodes "
-        "(one per CPU, or `num_proc`); the driver reads and writes, so the shards are those of a local build.",
+        "`local`: read, tokenize and pack on this machine (tokenizer processes, `num_proc`). `ray`: the build is cut "
+        "into parts fixed by the data (a file, a `split_mb` byte range of a text or JSONL file, a tar shard, a "
+        "`split_documents` `_id` range of a collection, per pass of a weighted source); one Ray task per part reads, "
+        "tokenizes, packs and writes its own shards, the driver writes the manifest. The output directory must be "
+        "on a file system every node sees.",
+    )
+    split_mb: Number = f(
+        32.0,
+        "`engine: ray`: an uncompressed .txt/.raw/.jsonl file larger than this many MB (10^6 bytes) is cut into "
+        "parts of this size, at line starts. The shards depend on it, not on the number of nodes or tasks.",
+    )
+    split_documents: StrictInt = f(
+        100_000,
+        "`engine: ray`: a collection is cut into `_id` ranges of about this many documents (`$bucketAuto` over the "
+        "filter's documents).",
     )
 
     def check(self, path: str) -> None:
@@ -180,6 +195,9 @@ class DataBuildConfig:
                 raise ConfigError(f"{path}.input_weights[{i}] must be a positive number, got {w!r}")
         if self.num_proc is not None and self.num_proc < 0:
             raise ConfigError(f"{path}.num_proc must be >= 0 or null, got {self.num_proc!r}")
+        if not self.split_mb > 0:
+            raise ConfigError(f"{path}.split_mb must be > 0, got {self.split_mb!r}")
+        _positive(path, "split_documents", self.split_documents)
         if self.tokenizer.path is None:
             _positive(path, "tokenizer.vocab_size", self.tokenizer.vocab_size, minimum=64)
 

@@ -1,14 +1,17 @@
 """A data build with ``data.engine=ray`` on a ``ray.cluster_utils.Cluster`` of NODES nodes of
 one CPU each, and the same build with the local engine, in this one process.
 
-    python tests/_ray_build.py OUT_DIR NODES INPUT TOKENIZER_DIR [SEQ_LEN]
+    python tests/_ray_build.py OUT_DIR NODES TOKENIZER_DIR INPUT [INPUT ...]
 
 Run in a process of its own (by tests/test_data_sources.py and benchmarks/data_sources.py):
 one process joins one cluster, and the test session has its own Ray. Set RAY_TMPDIR to a
-private directory first (see tests/_multinode_pretrain.py). Prints one JSON line at the end:
-the nodes the actors ran on, wall seconds and shard hashes of the Ray build and of the local
-build. With PTFT_TEST_KILL_ACTOR=1 one tokenizer actor is killed after the first batch comes
-back (Ray restarts it and runs its queued batches again).
+private directory first (see tests/_multinode_pretrain.py). PTFT_TEST_BUILD: data.* settings
+of both builds as a JSON object (seq_len, split_mb, input_weights...); PTFT_TEST_SKIP_LOCAL=1
+leaves out the local build. Prints one JSON
+line at the end: the nodes the tasks ran on, wall seconds, both manifests, per split how often
+each token id occurs in each build's samples, and the files of the Ray build. With
+PTFT_TEST_KILL_TASK=1 the worker of part 0 dies on its first attempt right after its first
+shard is renamed into place (Ray runs the part again).
 """
 
 from __future__ import annotations
@@ -28,11 +31,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _hashes(m: dict) -> list[str]:
-    return [sh["sha256"] for split in ("train", "valid") for sh in m["splits"][split]["shards"]]
+def _failing_part(part, source, settings):
+    """Part 0's first attempt: the worker exits right after its first shard is complete."""
+    from ptft_dist.data import raybuild, shards
+
+    marker = Path(settings["out_dir"]).parent / "killed-once"
+    if part.index == 0 and marker.exists():
+        marker.with_name("retried").write_text("")
+    if part.index == 0 and not marker.exists():
+        marker.write_text("")
+        original = shards.ShardWriter.close_shard
+
+        def close_and_die(self):
+            original(self)
+            if self.shards:
+                os._exit(1)
+
+        shards.ShardWriter.close_shard = close_and_die
+    return raybuild.run_part(part, source, settings)
 
 
-def main(out: Path, nodes: int, source: str, tokenizer: str, seq_len: int) -> int:
+def _token_counts(out: Path, manifest: dict) -> dict:
+    """Per split: how often each token id occurs in the samples (read back through the
+    manifest, keys and sha256 checked), [CLS] included."""
+    import numpy as np
+
+    from ptft_dist.data.shards import ShardReader
+
+    dtype = np.dtype(manifest["dtype"])
+    got = {}
+    for split in ("train", "valid"):
+        shards = manifest["splits"][split]["shards"]
+        reader = ShardReader(
+            str(out),
+            split,
+            shards,
+            seq_len=manifest["seq_len"],
+            dtype=dtype,
+            rec_bytes=manifest["record_bytes"],
+            verify=True,
+        )
+        counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
+        for i, entry in enumerate(shards):
+            for item in reader.read(i, np.arange(entry["num_samples"])):
+                if not isinstance(item, tuple):
+                    raise SystemExit(str(item))
+                counts += np.bincount(item[1].astype(np.int64), minlength=len(counts))
+        reader.close()
+        got[split] = counts.tolist()
+    return got
+
+
+def main(out: Path, nodes: int, tokenizer: str, inputs: list[str]) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -43,7 +93,8 @@ def main(out: Path, nodes: int, source: str, tokenizer: str, seq_len: int) -> in
     logging.basicConfig(level=logging.WARNING)
     if not os.environ.get("RAY_TMPDIR"):
         sys.exit("set RAY_TMPDIR to a private directory (see this file's docstring)")
-    cfg = dict(inputs=[source], seq_len=seq_len, shard_size_mb=2, tokenizer=C.TokenizerConfig(path=tokenizer))
+    cfg = dict(seq_len=32, shard_size_mb=2) | json.loads(os.environ.get("PTFT_TEST_BUILD") or "{}")
+    cfg |= dict(inputs=inputs, tokenizer=C.TokenizerConfig(path=tokenizer))
     head = {"num_cpus": 1, "include_dashboard": False, "gcs_server_port": _free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
@@ -52,41 +103,34 @@ def main(out: Path, nodes: int, source: str, tokenizer: str, seq_len: int) -> in
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
         used: list[str] = []
-        original = raybuild.RayEncoder.__init__
+        original = raybuild.run
 
-        def remember(self, *a, **kw):  # the nodes the actors were placed on
-            original(self, *a, **kw)
-            used.extend(self.nodes)
+        def remember(*a, **kw):  # the nodes the tasks ran on
+            splits, totals = original(*a, **kw)
+            used.extend(totals["nodes"])
+            return splits, totals
 
-        raybuild.RayEncoder.__init__ = remember
-        killed = []
-        if os.environ.get("PTFT_TEST_KILL_ACTOR") == "1":  # a failed task: an actor dies mid-build
-            original_map = raybuild.RayEncoder.map
-
-            def map_and_kill(self, batches):
-                for i, item in enumerate(original_map(self, batches)):
-                    if i == 0:
-                        ray.kill(self.actors[0], no_restart=False)  # its queued batches fail, are run again
-                        killed.append(True)
-                    yield item
-
-            raybuild.RayEncoder.map = map_and_kill
+        raybuild.run = remember
+        if os.environ.get("PTFT_TEST_KILL_TASK") == "1":
+            raybuild.PART_FUNCTION = _failing_part
         start = time.perf_counter()
         on_ray = build(C.DataBuildConfig(engine="ray", **cfg), out / "ray", progress=False)
         ray_s = time.perf_counter() - start
-        start = time.perf_counter()
-        local = build(C.DataBuildConfig(**cfg), out / "local", progress=False)
-        local_s = time.perf_counter() - start
+        local, local_s = None, None
+        if os.environ.get("PTFT_TEST_SKIP_LOCAL") != "1":
+            start = time.perf_counter()
+            local = build(C.DataBuildConfig(**cfg), out / "local", progress=False)
+            local_s = time.perf_counter() - start
         result = {
             "nodes": sorted(n.node_id for n in cluster.list_all_nodes()),
-            "actor_nodes": sorted(used),
+            "task_nodes": sorted(set(used)),
             "ray_s": ray_s,
             "local_s": local_s,
-            "ray_shards": _hashes(on_ray),
-            "local_shards": _hashes(local),
-            "tokens": on_ray["build"]["input_tokens"],
-            "killed_an_actor": bool(killed),
-            "documents": sum(on_ray["splits"][s]["num_documents"] for s in ("train", "valid")),
+            "ray": on_ray,
+            "local": local,
+            "ray_tokens": _token_counts(out / "ray", on_ray),
+            "local_tokens": _token_counts(out / "local", local) if local else None,
+            "files": sorted(p.name for p in (out / "ray").iterdir()),
         }
         print(json.dumps(result), flush=True)
     finally:
@@ -96,5 +140,5 @@ def main(out: Path, nodes: int, source: str, tokenizer: str, seq_len: int) -> in
 
 
 if __name__ == "__main__":
-    seq = int(sys.argv[5]) if len(sys.argv) > 5 else 128
-    sys.exit(main(Path(sys.argv[1]).resolve(), int(sys.argv[2]), sys.argv[3], sys.argv[4], seq))
+    a = sys.argv
+    sys.exit(main(Path(a[1]).resolve(), int(a[2]), a[3], a[4:]))

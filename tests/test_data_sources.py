@@ -382,24 +382,18 @@ def test_a_webdataset_corpus_over_http_and_its_errors(tmp_path, tiny_dataset):
 # --------------------------------------------------------------------------- the build on Ray
 
 
-@pytest.mark.dist
-def test_a_ray_build_on_two_nodes_equals_the_local_build(tmp_path, tiny_dataset):
-    """data.engine=ray on a 2-node ray.cluster_utils.Cluster (1 CPU each): the actors run on
-    both nodes and the shards are byte for byte those of the local build, though one actor is
-    killed mid-build (its batches are run again, no shard is written twice)."""
+def _ray_build(out: Path, nodes: int, inputs: list, tokenizer: Path, settings: dict, **env) -> dict:
+    """tests/_ray_build.py in a process of its own (one process joins one cluster)."""
     import os
     import tempfile
 
-    source = tmp_path / "corpus.txt"
-    source.write_text("\n".join(_documents(6000, seed=5)) + "\n")  # 6 batches: both actors get work
     ray_tmp = tempfile.mkdtemp(prefix="ptft-rb-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PTFT_TEST_KILL_ACTOR="1")
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PTFT_TEST_BUILD=json.dumps(settings), **env)
     env.pop("RAY_ADDRESS", None)
     root = Path(__file__).resolve().parent.parent
     try:
         r = subprocess.run(
-            [sys.executable, root / "tests" / "_ray_build.py", tmp_path / "out", "2", source]
-            + [tiny_dataset / "tokenizer", "32"],
+            [sys.executable, root / "tests" / "_ray_build.py", out, str(nodes), tokenizer, *map(str, inputs)],
             cwd=root,
             env=env,
             capture_output=True,
@@ -410,11 +404,122 @@ def test_a_ray_build_on_two_nodes_equals_the_local_build(tmp_path, tiny_dataset)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
-    assert len(result["nodes"]) == 2 and result["actor_nodes"] == result["nodes"], "actors on both nodes"
-    assert result["killed_an_actor"]
-    assert len(result["ray_shards"]) > 3 and result["ray_shards"] == result["local_shards"]
-    assert result["documents"] == 6000
+    return json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+
+
+def _read_counts(entry: dict) -> tuple:
+    return tuple(entry[k] for k in ("input", "num_documents", "records_read", "replaced_bytes", "skipped_records"))
+
+
+@pytest.mark.dist
+def test_a_ray_build_is_the_same_on_one_and_two_nodes_and_holds_the_local_builds_documents(
+    tmp_path, tiny_dataset, mongo_server
+):
+    """data.engine=ray on ray.cluster_utils.Clusters of 1 and 2 nodes (1 CPU each), over every
+    kind of part: byte ranges of a text file (with garbage lines, skipped), a JSONL file of
+    weight 1.5 (two passes), WebDataset tar shards, _id ranges of a collection. The tasks run
+    on both nodes; the manifest and every shard are byte for byte the same on 1 and 2 nodes,
+    though on 2 the worker of part 0 dies after writing its first shard (run again, no shard
+    twice, no temporary file left); against the local build: the same documents per split and
+    source, the same input tokens and the same number of samples, the sample tokens equal up to
+    the tail each build drops (under one sample)."""
+    texts = _documents(4000, seed=5)
+    lines = list(texts)
+    lines[100] = "\x01\x02\x03\x04 binary \x05\x06\x07\x08"  # garbage: skipped and counted
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": t[::-1]}) + "\n" for t in texts[:900]))
+    (tmp_path / "wds").mkdir()
+    _write_wds(str(tmp_path / "wds" / "c-%03d.tar"), _documents(600, seed=8), 200, "txt")
+    coll = _insert(mongo_server, "corpus.ray", [{"_id": i, "text": t} for i, t in enumerate(_documents(700, seed=9))])
+    inputs = [corpus, extra, tmp_path / "wds" / "c-{000..002}.tar", coll]
+    settings = dict(
+        seq_len=32,
+        samples_per_shard=150,
+        validation_fraction=0.05,
+        on_error="skip",
+        input_weights=[1, 1.5, 1, 1],
+        split_mb=0.1,
+        split_documents=250,
+    )
+    tok = tiny_dataset / "tokenizer"
+    two = _ray_build(tmp_path / "two", 2, inputs, tok, settings, PTFT_TEST_KILL_TASK="1")
+    one = _ray_build(tmp_path / "one", 1, inputs, tok, settings, PTFT_TEST_SKIP_LOCAL="1")
+    ray_m, local = two["ray"], two["local"]
+
+    assert len(two["nodes"]) == 2 and two["task_nodes"] == two["nodes"], "tasks on both nodes"
+    assert (tmp_path / "two" / "retried").exists(), "part 0 died once and ran again"
+    assert ray_m["build"]["engine"] == "ray" and one["ray"] == ray_m, "the same manifest, shard hashes included"
+    listed = {e["file"] for s in ("train", "valid") for e in ray_m["splits"][s]["shards"]}
+    assert {f for f in two["files"] if f.endswith(".tar")} == listed and not [f for f in two["files"] if ".tmp" in f]
+    parts = {f.split("-")[1] for f in listed}
+    assert len(parts) > 15, f"ranges, passes, tar shards and _id ranges are parts of their own: {sorted(parts)}"
+
+    for split in ("train", "valid"):
+        r, lo = ray_m["splits"][split], local["splits"][split]
+        assert (r["num_documents"], r["num_samples"]) == (lo["num_documents"], lo["num_samples"]), split
+        diff = sum(abs(a - b) for a, b in zip(two["ray_tokens"][split], two["local_tokens"][split]))
+        assert diff <= 2 * (settings["seq_len"] - 1), (split, diff)
+    assert ray_m["build"]["input_tokens"] == local["build"]["input_tokens"]
+    assert ray_m["build"]["input_text_bytes"] == local["build"]["input_text_bytes"]
+    assert [_read_counts(e) for e in ray_m["sources"]] == [_read_counts(e) for e in local["sources"]]
+    assert ray_m["sources"][0]["skipped_records"] == {"garbage": 1}
+    assert ray_m["sources"][3]["mongodb"]["count"] == 700
+
+
+def test_ray_parts_are_fixed_by_the_data_and_partition_every_source(tmp_path, mongo_server):
+    """The plan of a Ray build depends on the data and the split sizes only; the byte ranges of
+    a file (lines longer than a range, CRLF, a last line without newline) read every line once,
+    and the _id ranges of a collection every document once."""
+    from ptft_dist.data import ingest, raybuild
+
+    texts = _documents(500, seed=11)
+    texts[7] = "long " * 400  # longer than a range: ranges in it are empty
+    path = tmp_path / "c.txt"
+    path.write_bytes(("\r\n".join(texts)).encode())
+    coll = _insert(mongo_server, "corpus.plan", [{"_id": i, "text": t} for i, t in enumerate(texts)])
+    sources = ingest.resolve_sources([str(path), coll], [1.5, 1])
+    parts = raybuild.plan(sources, 700, 120)
+    assert parts == raybuild.plan(ingest.resolve_sources([str(path), coll], [1.5, 1]), 700, 120)
+    assert [p.index for p in parts] == list(range(len(parts)))
+    ranges = [p for p in parts if p.source == 0 and p.source_pass == 0]
+    assert len(ranges) == -(-path.stat().st_size // 700) and all(isinstance(p.unit, ingest.FileRange) for p in ranges)
+    assert sum(p.source == 0 for p in parts) == 2 * len(ranges), "a weight of 1.5 reads the file twice"
+    read = dict(text_field="text", min_chars=1)
+    got = [d for p in ranges for d in ingest.iter_source_documents(sources[0], p.unit, **read)]
+    assert got == list(ingest.iter_source_documents(sources[0], path, **read)) == [t.strip() for t in texts]
+    ids = [p for p in parts if p.source == 1]
+    assert len(ids) == 5
+    got = [d for p in ids for d in ingest.iter_source_documents(sources[1], p.unit, **read)]
+    assert got == [t.strip() for t in texts]
+    shares = [p.source for p in parts[:8]]
+    assert 0 in shares and 1 in shares, f"sources interleaved in the plan: {shares}"
+
+
+def test_a_ray_part_with_a_bad_record_reports_it_by_name(tmp_path, tiny_dataset):
+    """A task's DataError (garbage, a malformed record) comes back as its message, not retried."""
+    from ptft_dist.data import ingest, raybuild
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "fine words"}) + "\n" + '{"text": 3}\n')
+    source = ingest.resolve_sources([str(path)])[0]
+    part = raybuild.plan([source], 1000, 1000)[0]
+    settings = dict(
+        tokenizer_json=(tiny_dataset / "tokenizer" / "tokenizer.json").read_text(),
+        sep=3,
+        cls=2,
+        out_dir=str(tmp_path),
+        dtype="<u2",
+        seq_len=32,
+        samples_per_shard=10,
+        text_field="text",
+        min_chars=1,
+        fraction=0.1,
+        on_error="raise",
+    )
+    got = raybuild.run_part(part, source, settings)
+    assert got == {"error": f"{path}:2: field 'text' is int, not text"}
 
 
 # --------------------------------------------------------------------------- progress

@@ -10,7 +10,9 @@ Layout of a dataset directory::
 
 Documents stream from the inputs (see :mod:`.ingest`) in batches; tokenizer processes (one
 per core by default) encode the batches while this process packs and writes, with a bounded
-number of batches in flight, so memory does not grow with the corpus. Documents are tokenized
+number of batches in flight, so memory does not grow with the corpus. With ``data.engine:
+ray`` Ray tasks do the reading, tokenizing, packing and writing, one part of the input each
+(:mod:`.raybuild`); this process plans the parts and writes the manifest. Documents are tokenized
 without special tokens, joined with [SEP] and cut into samples of exactly ``seq_len`` tokens,
 each opening with [CLS]; the tail shorter than a sample is dropped. Which documents are held
 out for validation is decided by a stable hash of the document text, not by position.
@@ -57,7 +59,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "ptft-mlm-shards"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: the version of a manifest whose shards carry their own key prefix (a build on Ray)
+PART_KEYS_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 #: files a Hugging Face tokenizer directory may hold (fetched when the dataset is remote)
 TOKENIZER_FILES = (
@@ -432,6 +436,52 @@ def _nothing_usable(sources: list[Source], skipped: dict[str, int]) -> str:
     return f"no usable documents in {', '.join(s.name for s in sources)}: {what}"
 
 
+def _pack_local(
+    cfg: DataBuildConfig,
+    sources: list[Source],
+    read: dict,
+    tok_dir: Path,
+    ids: dict,
+    dtype,
+    per_shard: int,
+    out: Path,
+    progress: bool = True,
+) -> tuple[dict, int, int, dict]:
+    """The local engine: the mix of the sources in one stream, encoded by tokenizer processes,
+    packed and written in order. Returns the splits, tokens, bytes and skipped records."""
+    writers = {s: ShardWriter(out, s, cfg.seq_len, dtype, per_shard) for s in ("train", "valid")}
+    packers = {s: _Packer(cfg.seq_len, ids["cls"], writers[s]) for s in writers}
+    num_docs = {"train": 0, "valid": 0}
+    num_proc = default_num_proc() if cfg.num_proc is None else cfg.num_proc
+    encoder = _Encoder(tok_dir / "tokenizer.json", ids["sep"], num_proc)
+    mix = Mix(sources, **read)
+    phase = _PhaseProgress("tokenize + pack", mix, sources, progress)
+    start, num_tokens, num_bytes = time.perf_counter(), 0, 0
+    try:
+        for batch, encoded in encoder.map(_limited(iter(mix), cfg.max_documents)):
+            for split in ("train", "valid"):
+                packers[split].add(encoded[split])
+                num_docs[split] += batch.splits.count(split)
+            for source, split in zip(batch.sources, batch.splits):
+                sources[source].num_documents[split] += 1
+            num_tokens += encoded["num_tokens"]
+            num_bytes += encoded["num_bytes"]
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            phase.update(
+                f"{sum(num_docs.values()):,} docs, {num_tokens:,} tokens, {num_bytes / 1e6 / elapsed:.1f} MB/s"
+            )
+    finally:
+        encoder.close()
+        phase.close()
+    for writer in writers.values():
+        writer.close_shard()
+    splits = {
+        s: {"num_documents": num_docs[s], "num_samples": writers[s].num_samples, "shards": writers[s].shards}
+        for s in writers
+    }
+    return splits, num_tokens, num_bytes, mix.skipped()
+
+
 # --------------------------------------------------------------------------- build
 
 
@@ -444,11 +494,17 @@ def build(
     task_text: list[dict] | None = None,
 ) -> dict:
     """Build a dataset directory; returns the manifest. Raises DataError on bad input.
-    With ``data.engine: ray`` the tokenizing runs on the Ray cluster at ``address`` (or the
-    session already open; else a local one is started for the build). ``task_text``: entries
+    With ``data.engine: ray`` the reading, tokenizing, packing and writing run as Ray tasks on
+    the cluster at ``address`` (or the session already open; else a local one is started for
+    the build), one per part of the input (:mod:`.raybuild`). ``task_text``: entries
     naming inputs that hold finetune jobs' training texts (each with its ``input``); the
     manifest records them under ``task_text``, with the documents each wrote."""
     if cfg.engine == "ray":
+        if cfg.max_documents:
+            raise DataError(
+                "data.max_documents limits the local build's one stream of documents; with data.engine=ray the "
+                "parts are read apart: leave it empty, or give fewer inputs"
+            )
         import ray
 
         if not ray.is_initialized():
@@ -499,52 +555,49 @@ def build(
             f"tokenizer {cfg.tokenizer.path} is not a fast tokenizer (no tokenizer.json after saving): use a "
             "tokenizer with a tokenizer.json"
         )
+    start = time.perf_counter()
     vocab_size = len(tokenizer)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
     ids = special_ids(tokenizer)
     rec = record_bytes(cfg.seq_len, dtype.itemsize)
     per_shard = cfg.samples_per_shard or max(1, int(cfg.shard_size_mb * 1e6 // rec))
 
-    writers = {s: ShardWriter(out, s, cfg.seq_len, dtype, per_shard) for s in ("train", "valid")}
-    packers = {s: _Packer(cfg.seq_len, ids["cls"], writers[s]) for s in writers}
-    num_docs = {"train": 0, "valid": 0}
-    num_proc = default_num_proc() if cfg.num_proc is None else cfg.num_proc
     if cfg.engine == "ray":
-        from .raybuild import RayEncoder
+        from . import raybuild
 
-        encoder = RayEncoder(tok_dir / "tokenizer.json", ids["sep"], cfg.num_proc or None)
+        splits, totals = raybuild.run(
+            sources,
+            out_dir=out,
+            tokenizer_json=tok_dir / "tokenizer.json",
+            ids=ids,
+            dtype=dtype,
+            seq_len=cfg.seq_len,
+            samples_per_shard=per_shard,
+            read=read,
+            split_mb=cfg.split_mb,
+            split_documents=cfg.split_documents,
+        )
+        num_tokens, num_bytes, skipped = totals["num_tokens"], totals["num_bytes"], {}
+        for source in sources:
+            for reason, n in source.stats.skipped_records.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        log.info("the %d parts ran on %d node(s)", totals["num_parts"], len(totals["nodes"]))
+        parts = {"split_mb": cfg.split_mb, "split_documents": cfg.split_documents, "num_parts": totals["num_parts"]}
     else:
-        encoder = _Encoder(tok_dir / "tokenizer.json", ids["sep"], num_proc)
-    mix = Mix(sources, **read)
-    phase = _PhaseProgress("tokenize + pack", mix, sources, progress)
-    start, num_tokens, num_bytes = time.perf_counter(), 0, 0
-    try:
-        for batch, encoded in encoder.map(_limited(iter(mix), cfg.max_documents)):
-            for split in ("train", "valid"):
-                packers[split].add(encoded[split])
-                num_docs[split] += batch.splits.count(split)
-            for source, split in zip(batch.sources, batch.splits):
-                sources[source].num_documents[split] += 1
-            num_tokens += encoded["num_tokens"]
-            num_bytes += encoded["num_bytes"]
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            phase.update(
-                f"{sum(num_docs.values()):,} docs, {num_tokens:,} tokens, {num_bytes / 1e6 / elapsed:.1f} MB/s"
-            )
-    finally:
-        encoder.close()
-        phase.close()
-    for writer in writers.values():
-        writer.close_shard()
+        parts = {}
+        splits, num_tokens, num_bytes, skipped = _pack_local(
+            cfg, sources, read, tok_dir, ids, dtype, per_shard, out, progress
+        )
+    num_docs = {split: splits[split]["num_documents"] for split in ("train", "valid")}
     for source in sources:
         log.info("source %s", source.summary())
         if not sum(source.num_documents.values()) and not cfg.max_documents:
             log.warning("source %s yields no documents", source.name)
     if not sum(num_docs.values()):
-        raise DataError(_nothing_usable(sources, mix.skipped()))
+        raise DataError(_nothing_usable(sources, skipped))
     names = ", ".join(s.name for s in sources)
     for split in ("train", "valid"):
-        if writers[split].num_samples == 0:
+        if splits[split]["num_samples"] == 0:
             raise DataError(
                 f"the {split} split of {names} has no complete sample of {cfg.seq_len} tokens ({num_docs[split]} "
                 "documents); add text or lower seq_len"
@@ -553,7 +606,8 @@ def build(
     log.info("write manifest")
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        # part shards name their keys (key_prefix, key_first): readers before version 3 cannot read them
+        "version": PART_KEYS_VERSION if cfg.engine == "ray" else FORMAT_VERSION,
         "seq_len": cfg.seq_len,
         "vocab_size": vocab_size,
         "dtype": dtype.str,
@@ -566,6 +620,8 @@ def build(
         },
         "sources": [s.manifest_entry() for s in sources],
         "build": {
+            "engine": cfg.engine,
+            **parts,
             "samples_per_shard": per_shard,
             "validation_fraction": cfg.validation_fraction,
             "min_doc_chars": cfg.min_doc_chars,
@@ -576,9 +632,9 @@ def build(
         "splits": {
             split: {
                 "num_documents": num_docs[split],
-                "num_samples": writers[split].num_samples,
-                "num_tokens": writers[split].num_samples * cfg.seq_len,
-                "shards": writers[split].shards,
+                "num_samples": splits[split]["num_samples"],
+                "num_tokens": splits[split]["num_samples"] * cfg.seq_len,
+                "shards": splits[split]["shards"],
             }
             for split in ("train", "valid")
         },
@@ -599,10 +655,10 @@ def build(
     log.info(
         "built %s: %d train / %d valid samples in %d + %d shards (%.1fs)",
         out,
-        writers["train"].num_samples,
-        writers["valid"].num_samples,
-        len(writers["train"].shards),
-        len(writers["valid"].shards),
+        splits["train"]["num_samples"],
+        splits["valid"]["num_samples"],
+        len(splits["train"]["shards"]),
+        len(splits["valid"]["shards"]),
         time.perf_counter() - start,
     )
     return manifest
@@ -630,7 +686,9 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
         or manifest.get("version") not in READABLE_VERSIONS
     ):
         got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
-        raise DataError(f"{loc}: format {got[0]!r} v{got[1]!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
+        raise DataError(
+            f"{loc}: format {got[0]!r} v{got[1]!r}, expected {FORMAT!r} v{'/'.join(map(str, READABLE_VERSIONS))}"
+        )
     for key in ("seq_len", "vocab_size", "dtype", "tokenizer", "splits"):
         if key not in manifest:
             raise DataError(f"{loc}: missing field {key!r}")

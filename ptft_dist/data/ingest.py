@@ -299,16 +299,7 @@ def resolve_sources(
 
 
 def _mongo_source(location: str, weight: float, settings, text_field: str) -> Source:
-    kw = {}
-    if settings is not None:
-        kw = dict(
-            filter=settings.filter,
-            projection=settings.projection,
-            sort=settings.sort,
-            batch_size=settings.batch_size,
-            timeout_ms=settings.timeout_ms,
-        )
-    spec = mongo_source.parse(location, **kw)
+    spec = mongo_source.from_settings(location, settings)
     info = mongo_source.describe(spec)
     if spec.projection is not None and text_field.split(".")[0] not in spec.projection:
         log.warning("%s: data.mongo.projection does not name data.text_field %r", spec.where, text_field)
@@ -400,12 +391,15 @@ def iter_records(
     require: tuple[str, ...] = (),
     tsv_quoting: str = "minimal",
     progress_out: list | None = None,
+    byte_range: tuple[int, int] | None = None,
 ) -> Iterator[tuple[str, dict | Bad]]:
     """``(where, record)`` for every record of a csv/tsv/jsonl/parquet/text file, in order:
     ``where`` is ``file:line`` (``file: row n`` for Parquet), a record a dict (a text line is
     ``{text_field: line}``) or :class:`Bad` for a line that cannot be parsed. ``require`` names
     columns that must exist (checked on the header or schema; Parquet: as text).
-    ``tsv_quoting="none"`` reads TSV fields as is (GLUE-style files with stray quotes)."""
+    ``tsv_quoting="none"`` reads TSV fields as is (GLUE-style files with stray quotes).
+    ``byte_range`` (uncompressed text and JSONL only): the lines that start in ``[lo, hi)``
+    (see :class:`FileRange`); ``where`` then counts lines from the first of them."""
     path = Path(files.location(path))
     kind, compression = file_format(path)
     progress_out = progress_out if progress_out is not None else []
@@ -414,13 +408,23 @@ def iter_records(
     if kind == "parquet":
         yield from _parquet_records(path, require, progress_out)
         return
+    shown: str | Path = path
+    if byte_range is not None:
+        if kind not in RANGED_KINDS or compression:
+            raise DataError(f"{path}: only uncompressed .txt/.raw/.jsonl files are read in byte ranges")
+        start, end = byte_range
+        shown = f"{path} (from byte {start:,}) line"
     try:
-        with _open_text(path, compression, progress_out, "" if kind in ("csv", "tsv") else None) as fh:
+        if byte_range is not None:
+            opened = _open_range(path, byte_range[0], byte_range[1], progress_out)
+        else:
+            opened = _open_text(path, compression, progress_out, "" if kind in ("csv", "tsv") else None)
+        with opened as fh:
             if kind == "text":
                 for lineno, line in enumerate(fh, 1):
-                    yield f"{path}:{lineno}", {text_field: line}
+                    yield f"{shown}:{lineno}", {text_field: line}
             elif kind == "jsonl":
-                yield from _jsonl_records(fh, path)
+                yield from _jsonl_records(fh, shown)
             else:
                 yield from _csv_records(fh, path, require, kind, tsv_quoting)
     except (EOFError, OSError) as e:  # a truncated .gz / .zst, or a read error
@@ -431,10 +435,78 @@ def iter_records(
         if type(e).__module__.startswith("zstd") or type(e).__name__ == "ZstdError":
             raise DataError(f"input file {path}: not valid zstd data ({e})") from None
         raise
-    progress_out[-1].done = path.stat().st_size
+    progress_out[-1].done = path.stat().st_size if byte_range is None else byte_range[1] - byte_range[0]
 
 
-def _jsonl_records(fh, path: Path) -> Iterator[tuple[str, dict | Bad]]:
+#: formats a file of which is cut into byte ranges (one record per line, no header)
+RANGED_KINDS = ("text", "jsonl")
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """The lines of an uncompressed text or JSONL file that start in bytes ``[lo, hi)``: a line
+    belongs to the range its first byte is in, so ranges cut at any offsets partition the file
+    into whole lines (a read seeks to ``lo``, skips to the next line, and stops after the line
+    that runs over ``hi``)."""
+
+    path: str
+    lo: int
+    hi: int
+
+    def __str__(self) -> str:
+        return f"{self.path} bytes {self.lo:,}..{self.hi:,}"
+
+
+def _line_start(fh, offset: int, size: int) -> int:
+    """The offset of the first line that starts at or after ``offset`` (the file size if none)."""
+    if offset <= 0:
+        return 0
+    if offset >= size:
+        return size
+    fh.seek(offset - 1)
+    pos = offset - 1
+    while True:
+        chunk = fh.read(1 << 16)
+        if not chunk:
+            return size
+        i = chunk.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(chunk)
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, end)`` of an open binary file, as a raw stream."""
+
+    def __init__(self, raw, start: int, end: int):
+        self.raw, self.start, self.left = raw, start, max(0, end - start)
+        raw.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        if n <= 0:
+            return 0
+        got = self.raw.readinto(memoryview(buffer)[:n])
+        self.left -= got
+        return got
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _open_range(path: Path, lo: int, hi: int, progress_out: list) -> io.TextIOWrapper:
+    raw = open(path, "rb")
+    size = os.fstat(raw.fileno()).st_size
+    start, end = _line_start(raw, lo, size), _line_start(raw, hi, size)
+    progress_out.append(_Progress(raw))
+    return io.TextIOWrapper(io.BufferedReader(_Window(raw, start, end)), encoding="utf-8", errors="ptft-replace")
+
+
+def _jsonl_records(fh, path: Path | str) -> Iterator[tuple[str, dict | Bad]]:
     for lineno, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -541,10 +613,15 @@ def _text(where: str, record, text_field: str, null_ok: bool = False) -> str | B
     return text
 
 
-def _file_texts(path: Path, text_field: str, progress_out: list) -> Iterator[tuple[str, str | Bad | None]]:
+def _file_texts(
+    path: Path, text_field: str, progress_out: list, byte_range: tuple[int, int] | None = None
+) -> Iterator[tuple[str, str | Bad | None]]:
     kind, _ = file_format(path)
     require = (text_field,) if kind in ("csv", "tsv", "parquet") else ()
-    for where, record in iter_records(path, text_field=text_field, require=require, progress_out=progress_out):
+    records = iter_records(
+        path, text_field=text_field, require=require, progress_out=progress_out, byte_range=byte_range
+    )
+    for where, record in records:
         yield where, _text(where, record, text_field, null_ok=kind == "parquet")
 
 
@@ -611,8 +688,10 @@ def _size(loc: str) -> int:
         return 0
 
 
-def _collection_texts(source: Source, text_field: str, progress_out: list) -> Iterator[tuple[str, str | Bad | None]]:
-    spec = source.collection
+def _collection_texts(
+    source: Source, text_field: str, progress_out: list, spec=None
+) -> Iterator[tuple[str, str | Bad | None]]:
+    spec = spec if isinstance(spec, mongo_source.Collection) else source.collection
 
     class _Count:
         bytes_read = 0
@@ -648,12 +727,15 @@ def iter_source_documents(
     progress_out: list | None = None,
     stats: SourceStats | None = None,
 ) -> Iterator[str]:
-    """Documents of one unit of a source (a file, a tar shard, a collection), stripped, checked:
+    """Documents of one unit of a source (a file, a tar shard, a collection; a :class:`FileRange`
+    of a file or an ``_id`` range of the collection), stripped, checked:
     bad records and garbage raise DataError, or are skipped and counted (``on_error="skip"``);
     shorter than ``min_chars`` are skipped (counted when not blank)."""
     progress_out = progress_out if progress_out is not None else []
     if source.collection is not None:
-        raw = _collection_texts(source, text_field, progress_out)
+        raw = _collection_texts(source, text_field, progress_out, unit)
+    elif isinstance(unit, FileRange):
+        raw = _file_texts(Path(unit.path), text_field, progress_out, (unit.lo, unit.hi))
     elif file_format(unit)[0] == "tar":
         raw = _tar_texts(unit, text_field, progress_out)
     else:
@@ -704,6 +786,17 @@ def iter_file_documents(path: Path, text_field: str, min_chars: int, progress_ou
 # --------------------------------------------------------------------------- the mix
 
 
+def document_split(text: str, source_pass: int, weight: float, source_index: int, fraction: float) -> str | None:
+    """Where one document read on pass ``source_pass`` of its source goes: ``"valid"`` (held
+    out by hash, first pass only), ``"train"``, or None (not copied on this pass: the pass is
+    past ``floor(weight)`` and the hash leaves the document out of the fractional share)."""
+    if is_validation(text, fraction):
+        return None if source_pass else "valid"
+    if source_pass < math.floor(weight):
+        return "train"
+    return "train" if _keeps_extra_copy(text, weight - math.floor(weight), source_index) else None
+
+
 @dataclass
 class Batch:
     """Documents to encode, each with its split ('train' or 'valid') and source index."""
@@ -752,8 +845,6 @@ class _SourceReader:
         passes = 1 if self.first_pass_only else self.source.num_passes
         for p in range(passes):
             self._pass = p
-            full = p < math.floor(w)  # every training document gets this copy
-            share = w - math.floor(w)  # else: this share of them, by hash
             texts, splits, chars = [], [], 0
             # what reading saw is counted once: on the first pass of the full read
             stats = self.scratch if self.first_pass_only else (self.source.stats if p == 0 else None)
@@ -768,14 +859,14 @@ class _SourceReader:
                     progress_out=self._progress,
                     stats=stats,
                 ):
-                    valid = is_validation(text, self.fraction)
-                    if valid:
-                        if p:  # held-out documents are written once
-                            continue
-                    elif not self.first_pass_only and not full and not _keeps_extra_copy(text, share, self.index):
+                    if self.first_pass_only:  # the tokenizer's read: every document once
+                        split = "valid" if is_validation(text, self.fraction) else "train"
+                    else:
+                        split = document_split(text, p, w, self.index, self.fraction)
+                    if split is None:
                         continue
                     texts.append(text)
-                    splits.append("valid" if valid else "train")
+                    splits.append(split)
                     chars += len(text)
                     if len(texts) >= CHUNK_DOCUMENTS or chars >= CHUNK_CHARS:
                         yield texts, splits

@@ -150,6 +150,25 @@ def parse(
     return spec
 
 
+def from_settings(location: str, settings=None, fields: tuple[str, ...] = ()) -> Collection:
+    """A :class:`Collection` read as a ``data.mongo`` / ``task.mongo`` section says (filter,
+    projection, sort, batch size, timeout; None: the defaults). Without a projection only
+    ``fields`` (and ``_id``) are fetched, when ``fields`` are given."""
+    kw = {}
+    if settings is not None:
+        kw = dict(
+            filter=settings.filter,
+            projection=settings.projection,
+            sort=settings.sort,
+            batch_size=settings.batch_size,
+            timeout_ms=settings.timeout_ms,
+        )
+    spec = parse(location, **kw)
+    if spec.projection is None and fields:
+        spec.projection = {name: 1 for name in dict.fromkeys(fields)}
+    return spec
+
+
 def client(spec: Collection):
     """A connected ``pymongo.MongoClient`` (checked with a ping); DataError when unreachable."""
     try:

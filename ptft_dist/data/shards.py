@@ -46,13 +46,24 @@ def shard_file_bytes(num_samples: int, rec_bytes: int) -> int:
     return -(-used // TAR_RECORD_BYTES) * TAR_RECORD_BYTES
 
 
-def sample_key(split: str, index: int) -> str:
-    return f"{split}-{index:0{KEY_DIGITS}d}"
+def sample_key(split: str, index: int, part: str | None = None) -> str:
+    """``<split>-<index>``, or ``<split>-<part>-<index>`` for a shard written by one part of a
+    build spread over a cluster (its samples are numbered within the part)."""
+    return f"{split}-{part}-{index:0{KEY_DIGITS}d}" if part else f"{split}-{index:0{KEY_DIGITS}d}"
 
 
-def _header_template(split: str, data_bytes: int) -> tuple[bytes, int]:
+def entry_key(split: str, entry: dict, member: int) -> str:
+    """The key of member ``member`` of the shard a manifest entry describes: from the entry's
+    ``key_prefix`` and ``key_first`` when it has them (a part's shard), else from its place in
+    the split (``first_index``)."""
+    if "key_prefix" in entry:
+        return f"{entry['key_prefix']}{entry['key_first'] + member:0{KEY_DIGITS}d}"
+    return sample_key(split, entry.get("first_index", 0) + member)
+
+
+def _header_template(split: str, data_bytes: int, part: str | None = None) -> tuple[bytes, int]:
     """A ustar header for ``<split>-<digits>.ids`` and the checksum of all but the name."""
-    name = sample_key(split, 0) + ".ids"
+    name = sample_key(split, 0, part) + ".ids"
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = data_bytes, 0, 0o644
     header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
@@ -67,6 +78,11 @@ class ShardWriter:
 
     A shard is written to ``<name>.tmp`` and renamed when complete, so a shard file is whole
     or absent. Its sha256 is computed from the bytes as they are written (no second read).
+
+    ``part`` (a build spread over a cluster): the shards are ``<split>-<part>-NNNNNN.tar``, the
+    keys ``<split>-<part>-<index in the part>``, each written under a temporary name of its own
+    (two attempts of one task never write one file), and each entry says its ``key_prefix``
+    and ``key_first``; ``first_index`` is then the part's, the build renumbers it.
     """
 
     out_dir: Path
@@ -80,12 +96,14 @@ class ShardWriter:
     _hash: object = None
     _count: int = 0
     _bytes: int = 0
+    part: str | None = None
 
     def __post_init__(self) -> None:
         self.data_bytes = self.seq_len * self.dtype.itemsize
         self.record_bytes = record_bytes(self.seq_len, self.dtype.itemsize)
-        self._template, self._base_sum = _header_template(self.split, self.data_bytes)
-        self._name_len = len(sample_key(self.split, 0)) + len(".ids")
+        self._template, self._base_sum = _header_template(self.split, self.data_bytes, self.part)
+        self._name_len = len(sample_key(self.split, 0, self.part)) + len(".ids")
+        self._tmp_suffix = f".{os.getpid()}-{os.urandom(4).hex()}.tmp" if self.part else ".tmp"
 
     def add(self, samples: np.ndarray) -> None:
         """Append samples (a [n, seq_len] array of token ids) in order."""
@@ -101,8 +119,9 @@ class ShardWriter:
                 self.close_shard()
 
     def _open(self) -> None:
-        self._name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._fh = open(self.out_dir / (self._name + ".tmp"), "wb")
+        stem = f"{self.split}-{self.part}" if self.part else self.split
+        self._name = f"{stem}-{len(self.shards):06d}.tar"
+        self._fh = open(self.out_dir / (self._name + self._tmp_suffix), "wb")
         self._hash = hashlib.sha256()
         self._count, self._bytes, self._first = 0, 0, self.num_samples
 
@@ -114,7 +133,7 @@ class ShardWriter:
         records[:, HEADER_BYTES : HEADER_BYTES + self.data_bytes] = rows.view(np.uint8).reshape(n, self.data_bytes)
         template = bytearray(self._template)
         for i in range(n):
-            name = (sample_key(self.split, self.num_samples + i) + ".ids").encode()
+            name = (sample_key(self.split, self.num_samples + i, self.part) + ".ids").encode()
             template[: self._name_len] = name
             template[148:156] = b"%06o\x00 " % (self._base_sum + sum(name))
             records[i, :HEADER_BYTES] = np.frombuffer(template, dtype=np.uint8)
@@ -134,18 +153,19 @@ class ShardWriter:
         self._hash.update(tail)
         self._fh.close()
         self._fh = None
-        tmp = self.out_dir / (self._name + ".tmp")
+        tmp = self.out_dir / (self._name + self._tmp_suffix)
         os.replace(tmp, self.out_dir / self._name)
-        self.shards.append(
-            {
-                "file": self._name,
-                "first_index": self._first,
-                "num_samples": self._count,
-                "num_tokens": self._count * self.seq_len,
-                "num_bytes": self._bytes + end,
-                "sha256": self._hash.hexdigest(),
-            }
-        )
+        entry = {
+            "file": self._name,
+            "first_index": self._first,
+            "num_samples": self._count,
+            "num_tokens": self._count * self.seq_len,
+            "num_bytes": self._bytes + end,
+            "sha256": self._hash.hexdigest(),
+        }
+        if self.part:
+            entry |= {"key_prefix": f"{self.split}-{self.part}-", "key_first": self._first}
+        self.shards.append(entry)
 
 
 def size_problem(url: str, entry: dict, size: int | None) -> str | None:
@@ -254,7 +274,6 @@ class ShardReader:
         """(key, ids) of the given members (sorted member indices) of one shard; a member
         whose header is wrong comes back as a SampleError. Raises ShardError."""
         entry = self.shards[shard]
-        first_index = entry.get("first_index", 0)
         out: list[tuple[str, np.ndarray] | SampleError] = []
         for start, stop in _runs(members, max_gap=32):
             buf = self._read_span(shard, int(start), int(stop - start))
@@ -262,7 +281,7 @@ class ShardReader:
             for m in members[(members >= start) & (members < stop)]:
                 m = int(m)
                 off = (m - base) * self.rec_bytes
-                key = sample_key(self.split, first_index + m)
+                key = entry_key(self.split, entry, m)
                 name = buf[off : off + 100]
                 if name[: len(key) + 5] != (key + ".ids\x00").encode():
                     out.append(self._bad_name(shard, m, key, name))
