@@ -85,7 +85,7 @@ def carve_splits(cfg: FinetuneConfig) -> tuple[list[str], Split, Split | None, S
     task = cfg.task
 
     def read(path: str) -> tuple[list[str], list[str], list[str] | None]:
-        got = read_examples(path, task.text_column, task.label_column, task.text_pair_column)
+        got = read_examples(path, task.text_column, task.label_column, task.text_pair_column, task.mongo)
         return got[0], got[1], (got[2] if task.text_pair_column else None)
 
     texts, raw, pairs = read(task.train_file)

@@ -581,6 +581,11 @@ class TaskConfig:
         "Share of the training file held out for validation when `validation_file` is empty (0 disables validation).",
     )
     test_fraction: Number = f(0.1, "Share of the training file held out for testing when `test_file` is empty.")
+    mongo: MongoSourceConfig = f(
+        factory=MongoSourceConfig,
+        doc="Reading task files given as `mongodb://host/db.collection` (train, validation and test alike): filter, "
+        "projection, sort, batch size, timeout; the projection defaults to the task's columns.",
+    )
     class_weights: Literal["none", "balanced", "sqrt"] = f(
         "none",
         "Weights of the classes in the training loss, for imbalanced label sets: `none` (plain cross-entropy), "

@@ -309,7 +309,7 @@ def check_task(cfg: C.FinetuneConfig, where: str = "task") -> TaskCheck:
             path = value if mongo.is_mongo(value) else Path(value).expanduser()  # a collection, or a file
             if isinstance(path, Path) and not path.is_file():
                 raise DataError(f"{where}.{name}: task file {path} does not exist")
-            return read_examples(path, task.text_column, task.label_column, task.text_pair_column)[1]
+            return read_examples(path, task.text_column, task.label_column, task.text_pair_column, task.mongo)[1]
 
         train_labels = read("train_file")
         check_two_labels(task.train_file, task.label_column, train_labels, where=f"{where}.train_file: ")

@@ -225,6 +225,70 @@ def test_labeled_tasks_from_collections(mongo_server, tmp_path):
         read_examples(train, "text", "label")
 
 
+def test_task_mongo_settings_apply_to_task_collections(mongo_server, tmp_path, monkeypatch):
+    """task.mongo reads task collections as data.mongo reads a corpus: the filter selects the
+    examples (train, validation and test alike), the sort orders them (then _id), only the
+    task's columns are fetched unless a projection is given, the batch size reaches the cursor,
+    and credentials from the environment are used for the login (never shown)."""
+    import dataclasses
+
+    import pymongo.collection
+
+    from ptft_dist import config as C
+    from ptft_dist.classify import carve_splits
+
+    rows = [  # zero-padded string _ids: the test server compares numeric _ids as text when sorting
+        {"_id": f"{i:03d}", "sentence": f"words {i}", "label": "ab"[i % 2], "lang": "en" if i % 3 else "fr"}
+        | {"rank": i % 5}
+        for i in range(60)
+    ]
+    rows[3]["label"] = "fr-only"  # a label of a filtered-out document: must not count
+    train = _insert(mongo_server, "tasks.m_train", [dict(r, extra="x" * 40) for r in rows])
+    test = _insert(mongo_server, "tasks.m_test", [dict(r, _id=f"t{r['_id']}") for r in rows[:12]])
+    overrides = [
+        f"task.train_file={train}",
+        f"task.test_file={test}",
+        "task.text_column=sentence",
+        "task.validation_fraction=0",
+        "task.mongo.filter={lang: en}",
+        "task.mongo.sort={rank: -1}",
+        "task.mongo.batch_size=7",
+    ]
+    cfg = C.load("finetune", "finetune_tiny", overrides)
+    assert cfg.task.mongo.filter == {"lang": "en"} and cfg.task.mongo.batch_size == 7
+
+    seen = []
+    find = pymongo.collection.Collection.find
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.name, args[1] if len(args) > 1 else kwargs.get("projection"), kwargs.get("batch_size")))
+        return find(self, *args, **kwargs)
+
+    monkeypatch.setattr(pymongo.collection.Collection, "find", spy)
+    task = resolve_task(cfg.task, tmp_path)  # the test labels are checked against the filtered training labels
+    names, train_split, _, test_split = carve_splits(dataclasses.replace(cfg, task=task))
+    en = [r for r in rows if r["lang"] == "en"]
+    order = sorted(en, key=lambda r: (-r["rank"], r["_id"]))
+    assert names == ["a", "b"], "the label of a filtered-out document is not a class"
+    assert train_split.texts == [r["sentence"] for r in order]
+    assert test_split.texts == [r["sentence"] for r in order if r["_id"] < "012"]
+    reads = [s for s in seen if s[0] in ("m_train", "m_test") and s[2] == 7]
+    assert reads and all(set(p) == {"sentence", "label"} for _, p, _ in reads), seen
+
+    with pytest.raises(DataError, match=r"no field 'sentence'"):
+        read_examples(train, "sentence", "label", mongo_settings=C.MongoSourceConfig(projection={"label": 1}))
+    with pytest.raises(DataError, match=r"tasks\.m_train holds no examples the filter task\.mongo\.filter selects"):
+        read_examples(train, "sentence", "label", mongo_settings=C.MongoSourceConfig(filter={"lang": "de"}))
+
+    monkeypatch.setenv("PTFT_MONGODB_USERNAME", "reader")
+    monkeypatch.setenv("PTFT_MONGODB_PASSWORD", "hunter2")
+    with pytest.raises(
+        DataError, match=r"mongodb://127\.0\.0\.1:\d+/tasks\.m_train \(collection tasks\.m_train\): login"
+    ) as e:
+        resolve_task(cfg.task, tmp_path)
+    assert "hunter2" not in str(e.value)
+
+
 def test_task_text_from_a_task_collection_is_its_training_split(mongo_server, tmp_path):
     """pretrain_on_task_text reads a task kept in collections like one kept in files: the texts
     added are the training split of the collection, not its test or validation documents."""

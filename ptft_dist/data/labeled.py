@@ -41,14 +41,15 @@ def materialize_trec(out_dir: str | Path) -> tuple[Path, Path]:
     return train, test
 
 
-def iter_rows(path: str | Path):
+def iter_rows(path: str | Path, mongo_settings=None, fields: tuple[str, ...] = ()):
     """``(where, row)`` for every example of a task file (csv, tsv, jsonl, parquet: the one
     reader of :func:`.ingest.iter_records`) or a ``mongodb://host/db.collection`` (``row`` is the
-    document, ``_id`` included). ``where`` names the file and line, or the collection and ``_id``
-    (never a password)."""
+    document, ``_id`` included), read as ``mongo_settings`` (a ``task.mongo`` section: filter,
+    projection, sort, batch size) says; without a projection only ``fields`` are fetched.
+    ``where`` names the file and line, or the collection and ``_id`` (never a password)."""
     loc = files.location(path)
     if mongo.is_mongo(loc):
-        spec = mongo.parse(loc)
+        spec = mongo.from_settings(loc, mongo_settings, fields)
         for document in mongo.iter_documents(spec):
             yield f"{spec.where}, document _id={document.get('_id')!r}", document
         return
@@ -60,29 +61,44 @@ def iter_rows(path: str | Path):
         yield where, row
 
 
+def _whole_document(location: str, mongo_settings, row: dict) -> dict:
+    """The document ``row`` was read from, with the fields the projection (if any) allows."""
+    spec = mongo.from_settings(location, mongo_settings)
+    coll = mongo.open_collection(spec)
+    try:
+        return coll.find_one({"_id": row.get("_id")}, spec.projection) or row
+    finally:
+        coll.database.client.close()
+
+
 def _pick(row: dict, spec: str) -> str:
     """A column name, or ``a|b``: the first of the alternatives present in ``row`` (files of
     one task whose headers differ, like SST-2's train `sentence` and test `content`)."""
     return next((name for name in spec.split("|") if name in row), spec)
 
 
-def read_examples(path: str | Path, text_column: str, label_column: str, pair_column: str | None = None):
+def read_examples(
+    path: str | Path, text_column: str, label_column: str, pair_column: str | None = None, mongo_settings=None
+):
     """Texts and labels (as strings) of one file, plus the second texts when ``pair_column``
     is set: ``(texts, labels)`` or ``(texts, labels, pairs)``. Raises DataError naming the
-    file, line (or row) and column."""
+    file, line (or row) and column. ``mongo_settings``: how a collection is read (``task.mongo``)."""
     loc = files.location(path)
     is_mongo = mongo.is_mongo(loc)
     shown = mongo.public_uri(loc) if is_mongo else loc
     if not is_mongo and not Path(loc).is_file():
         raise DataError(f"task file {loc} does not exist")
     texts, labels, pairs = [], [], []
-    for i, (where, row) in enumerate(iter_rows(loc)):
+    fields = tuple(name for column in (text_column, label_column, pair_column) if column for name in column.split("|"))
+    for i, (where, row) in enumerate(iter_rows(loc, mongo_settings, fields)):
         if i == 0 and isinstance(row, dict):  # alternatives ("sentence|content"): the first the file has
             text_column, label_column = _pick(row, text_column), _pick(row, label_column)
             pair_column = _pick(row, pair_column) if pair_column else None
         columns = (text_column, label_column) + ((pair_column,) if pair_column else ())
         for column in columns:
             if not isinstance(row, dict) or column not in row or row[column] is None:
+                if is_mongo and isinstance(row, dict):  # only the task's fields were fetched: show the document's
+                    row = _whole_document(loc, mongo_settings, row)
                 have = ", ".join(repr(k) for k in row if k != "_id") if isinstance(row, dict) else type(row).__name__
                 what = "field" if is_mongo else "column"
                 raise DataError(
@@ -98,7 +114,10 @@ def read_examples(path: str | Path, text_column: str, label_column: str, pair_co
         if pair_column:
             pairs.append(str(row[pair_column]))
     if not texts:
-        raise DataError(f"task file {shown} holds no examples")
+        selected = (
+            " the filter task.mongo.filter selects" if is_mongo and mongo_settings and mongo_settings.filter else ""
+        )
+        raise DataError(f"task file {shown} holds no examples{selected}")
     return (texts, labels, pairs) if pair_column else (texts, labels)
 
 
@@ -146,7 +165,7 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
             task, train_file=str(train), test_file=str(test), text_column="text", label_column="label"
         )
     train_file = _resolved(task.train_file)
-    train_labels = read_examples(train_file, task.text_column, task.label_column, task.text_pair_column)[1]
+    train_labels = read_examples(train_file, task.text_column, task.label_column, task.text_pair_column, task.mongo)[1]
     check_two_labels(train_file, task.label_column, train_labels)
     resolved = {}
     for field_name in ("validation_file", "test_file"):
@@ -155,7 +174,7 @@ def resolve_task(task: TaskConfig, run_dir: str | Path) -> TaskConfig:
             resolved[field_name] = None
             continue
         other = _resolved(value)
-        labels = read_examples(other, task.text_column, task.label_column, task.text_pair_column)[1]
+        labels = read_examples(other, task.text_column, task.label_column, task.text_pair_column, task.mongo)[1]
         check_known_labels(other, task.label_column, labels, train_labels, train_file)
         resolved[field_name] = str(other)
     return dataclasses.replace(task, train_file=str(train_file), **resolved)
