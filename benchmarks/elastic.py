@@ -34,8 +34,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from ptft_dist import checkpoint, jobs, launcher  # noqa: E402
 from ptft_dist import config as C  # noqa: E402
-from ptft_dist import jobs, launcher  # noqa: E402
 from ptft_dist.tracking import read_metrics  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "_elastic_pretrain.py"
@@ -128,7 +128,8 @@ def checkpoint_times(dataset: Path, work: Path, stage: int) -> dict:
     )
     other = [r for r in read_metrics(run_dir) if "checkpoint_load_s" in r][-1]
     assert other["resumed_from_world_size"] == 2 and other["world_size"] == 1
-    size = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
+    newest = checkpoint.latest(run_dir)
+    size = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
     return {
         "stage": stage,
         "save_s": round(save_s, 2),

@@ -196,6 +196,8 @@ def load(engine, directory: str | Path, world: World) -> TrainState:
         universal = _universal_copy(path, world)
         try:
             engine.load_checkpoint(str(universal), tag=TAG)
+            if engine.zero_optimization_stage() == 3:
+                _repair_zero3_optimizer(engine, universal / TAG / "zero" / "optimizer_state.pt")
         finally:
             barrier()
             if world.local_rank == 0:
@@ -211,6 +213,29 @@ def load(engine, directory: str | Path, world: World) -> TrainState:
             "resumed from %s at step %d: written by %d ranks, now %d", path, state["step"], old_world, world.world_size
         )
     return TrainState.from_dict(state)
+
+
+def _repair_zero3_optimizer(engine, optimizer_state: Path) -> None:
+    """Undo two faults of DeepSpeed's ZeRO-3 universal load (``load_hp_checkpoint_state_from_
+    checkpoint_dir_stage3``, up to 0.19.x): it gives every param group the hyperparameters of
+    group 0 (the no-decay group got weight decay), and every sub-group one shared ``step``
+    tensor, which each sub-group's optimizer step then increments in place (with 2 groups the
+    step count, and so Adam's bias correction, advanced by 2 per step). The checkpoint's own
+    param groups are restored, by index as torch's ``load_state_dict`` does, and each state
+    gets its own step."""
+    # DeepSpeed's own pickle of the merged optimizer state, loaded as DeepSpeed loads it
+    saved = torch.load(optimizer_state, map_location="cpu", weights_only=False)["param_groups"]
+    optimizer = engine.optimizer.optimizer
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(
+            f"checkpoint {optimizer_state} has {len(saved)} optimizer param groups, the engine "
+            f"{len(optimizer.param_groups)}"
+        )
+    for group, old in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in old.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def ds_config_for_resume(ds: dict[str, Any], directory: str | Path | None, world_size: int) -> dict[str, Any]:

@@ -217,6 +217,7 @@ def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
         "pipeline_tiny",
         [
             f"run_dir={tmp_path / 'pipe'}",
+            "pretrain_on_task_text=true",
             "pretrain.tracking.wandb=true",
             "finetune.0.tracking.wandb=true",
             "finetune.1.tracking.wandb=true",
@@ -224,6 +225,10 @@ def test_pipeline_runs_two_finetune_jobs_side_by_side(tmp_path, ray_session):
     )
     summary = jobs.pipeline(cfg)
     assert summary["metrics"]["pretrain"]["steps"] == 20
+    # the finetune jobs' training texts went into the pretraining corpus, once (the jobs share them)
+    manifest = json.loads((tmp_path / "pipe" / "data" / "manifest.json").read_text())
+    (added,) = manifest["task_text"]
+    assert sorted(added["jobs"]) == ["head", "lora"] and sum(added["num_documents"].values()) > 0
     table = {row["job"]: row for row in summary["metrics"]["jobs"]}
     assert set(table) == {"lora", "head"} and all(row["status"] == "ok" for row in table.values())
     assert all(summary["metrics"]["finetune"][j]["num_test_examples"] == 500 for j in table)
