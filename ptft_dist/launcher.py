@@ -249,9 +249,9 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
     )
     if not ray_logs():
         log.info(
-            "%s: %d workers; their logs: %s (PTFT_RAY_LOGS=1 or --ray-logs shows them here)",
+            "%s: %s workers; their logs: %s (PTFT_RAY_LOGS=1 or --ray-logs shows them here)",
             name,
-            cfg.scaling.num_workers,
+            f"{sizes[0]}-{sizes[-1]} (elastic)" if elastic else sizes[-1],
             _log_dir(),
         )
     try:
