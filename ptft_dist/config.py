@@ -146,10 +146,12 @@ class DataBuildConfig:
     )
     min_doc_chars: StrictInt = f(1, "Documents shorter than this many characters (after stripping) are skipped.")
     max_documents: StrictInt | None = f(
-        None, "Stop after this many documents (for quick runs and tests). None reads everything."
+        None, "Stop after this many documents (for quick runs and tests; local engine only). None reads everything."
     )
     num_proc: StrictInt | None = f(
-        None, "Tokenizer processes. None: one per CPU core (at most 8); 0: tokenize in the building process."
+        None,
+        "Tokenizer processes of the local engine. None: one per CPU core (at most 8); 0: tokenize in the building "
+        "process. (`engine: ray` runs one task per CPU of the cluster.)",
     )
     on_error: Literal["raise", "skip"] = f(
         "raise",

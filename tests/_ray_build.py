@@ -7,8 +7,10 @@ Run in a process of its own (by tests/test_data_sources.py and benchmarks/data_s
 one process joins one cluster, and the test session has its own Ray. Set RAY_TMPDIR to a
 private directory first (see tests/_multinode_pretrain.py). PTFT_TEST_BUILD: data.* settings
 of both builds as a JSON object (seq_len, split_mb, input_weights...); PTFT_TEST_SKIP_LOCAL=1
-leaves out the local build. Prints one JSON
-line at the end: the nodes the tasks ran on, wall seconds, both manifests, per split how often
+leaves out the local build; PTFT_TEST_WARM=1 first runs a small Ray build of the first input's
+first 64 KB (untimed: the workers started, the driver's imports done, as on a cluster already
+running). Prints one JSON
+line at the end: the nodes the tasks ran on and their CPU seconds, wall seconds, both manifests, per split how often
 each token id occurs in each build's samples, and the files of the Ray build. With
 PTFT_TEST_KILL_TASK=1 the worker of part 0 dies on its first attempt right after its first
 shard is renamed into place (Ray runs the part again).
@@ -102,15 +104,22 @@ def main(out: Path, nodes: int, tokenizer: str, inputs: list[str]) -> int:
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-        used: list[str] = []
+        seen: dict = {}
         original = raybuild.run
 
-        def remember(*a, **kw):  # the nodes the tasks ran on
+        def remember(*a, **kw):  # the nodes the tasks ran on, their CPU seconds
             splits, totals = original(*a, **kw)
-            used.extend(totals["nodes"])
+            seen.update(totals)
             return splits, totals
 
         raybuild.run = remember
+        if os.environ.get("PTFT_TEST_WARM") == "1":
+            head = out / "warm-input" / Path(inputs[0]).name
+            head.parent.mkdir(parents=True, exist_ok=True)
+            with open(inputs[0], "rb") as fh:
+                head.write_bytes(fh.read(64 << 10).rsplit(b"\n", 1)[0] + b"\n")
+            small = dict(cfg, inputs=[str(head)], split_mb=0.01, input_weights=[])
+            build(C.DataBuildConfig(engine="ray", **small), out / "warm", progress=False)
         if os.environ.get("PTFT_TEST_KILL_TASK") == "1":
             raybuild.PART_FUNCTION = _failing_part
         start = time.perf_counter()
@@ -123,7 +132,8 @@ def main(out: Path, nodes: int, tokenizer: str, inputs: list[str]) -> int:
             local_s = time.perf_counter() - start
         result = {
             "nodes": sorted(n.node_id for n in cluster.list_all_nodes()),
-            "task_nodes": sorted(set(used)),
+            "task_nodes": seen["nodes"],
+            "cpu_s_per_node": seen["cpu_s_per_node"],
             "ray_s": ray_s,
             "local_s": local_s,
             "ray": on_ray,

@@ -151,6 +151,7 @@ def run_part(part: Part, source: Source, settings: dict) -> dict:
     A DataError comes back as ``{"error": message}`` (not retried)."""
     from .build import _Packer
 
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         encode = _encoder(settings["tokenizer_json"], settings["sep"])
         out = Path(settings["out_dir"])
@@ -208,6 +209,8 @@ def run_part(part: Part, source: Source, settings: dict) -> dict:
         "num_documents": num_documents,
         "stats": dataclasses.asdict(stats) if stats is not None else None,
         "node": ray.get_runtime_context().get_node_id(),
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
         **totals,
     }
 
@@ -234,7 +237,8 @@ def run(
 ) -> tuple[dict, dict]:
     """Run every part on the cluster (the Ray session open in this process); returns the splits
     (``num_documents``, ``num_samples``, ``shards``) and the build's totals (tokens, bytes,
-    parts, the nodes the tasks ran on). Adds what the tasks counted to ``sources``."""
+    parts, the nodes the tasks ran on, the tasks' CPU seconds per node). Adds what the tasks
+    counted to ``sources``."""
     import ray
 
     from .build import _Packer
@@ -314,7 +318,10 @@ def run(
         "num_bytes": sum(got["num_bytes"] for got in ordered),
         "num_parts": len(parts),
         "nodes": sorted({got["node"] for got in ordered}),
+        "cpu_s_per_node": {},
     }
+    for got in ordered:
+        totals["cpu_s_per_node"][got["node"]] = totals["cpu_s_per_node"].get(got["node"], 0.0) + got["cpu_s"]
     return splits, totals
 
 
