@@ -1,6 +1,7 @@
 """Elastic pretraining over a lost and a returning node, on a ``ray.cluster_utils.Cluster``.
 
     python tests/_elastic_pretrain.py DATASET OUT_DIR [--stage 2] [--per-node 1] [--fixed]
+        [--micro-batch 8] [--global-batch 32] [--start-timeout 15] [--skip-straight]
 
 Two Ray nodes of ``--per-node`` CPUs each (the head and one more), ``scaling.num_workers`` =
 both nodes' workers. The run first goes uninterrupted (``OUT_DIR/straight``), then again
@@ -60,6 +61,8 @@ def main() -> int:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--per-node", type=int, default=1)
     parser.add_argument("--fixed", action="store_true")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=32, help="divisible at every size from --per-node up")
     parser.add_argument("--skip-straight", action="store_true")
     parser.add_argument("--start-timeout", type=float, default=15.0, help="scaling.start_timeout_s of the elastic run")
     args = parser.parse_args()
@@ -94,8 +97,8 @@ def main() -> int:
             "data.ledger=true",
             "data.elastic_determinism=true",
             "tracking.log_every_steps=10",
-            "optim.micro_batch_size_per_rank=8",
-            "optim.global_batch_size=32",
+            f"optim.micro_batch_size_per_rank={args.micro_batch}",
+            f"optim.global_batch_size={args.global_batch}",
             "optim.lr=3e-3",
             "optim.warmup_steps=3",
             "eval_every_steps=1000",
