@@ -15,6 +15,10 @@ instead of being dropped or padded. Inside a rank, DataLoader worker ``w`` of ``
 reads the rank's samples ``w, w+K, w+2K, ...``. So every sample is read exactly once per
 epoch, by one (rank, slot), whatever the world size, loader workers or shard sizes.
 
+**In global order** (elastic determinism, :class:`GlobalLayout`) the epochs are instead one
+sequence cut into global steps of ``global_batch`` samples, and rank ``r`` of ``W`` reads the
+``r``-th ``1/W`` of every step: the samples of a step do not depend on the world size.
+
 **The read position** is, per slot, how many of its samples the training loop has consumed,
 plus how many batches (to know which worker's batch comes next). Samples are fixed-size tar
 members, so a resumed stream computes the byte offset of its next sample and starts reading
