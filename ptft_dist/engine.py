@@ -38,6 +38,14 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         for name in ("RANK", "LOCAL_RANK"):  # what a launcher would have set; DeepSpeed reads them
             os.environ.setdefault(name, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+        # DeepSpeed keeps its wrapper of an earlier group and a clone of its world (destroyed
+        # since, in a notebook or a test) and would use them: let it wrap this new group
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None
+        ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
