@@ -52,7 +52,7 @@ def _number_text(value: Any) -> Any:
         try:
             return float(value)
         except ValueError:
-            pass
+            return value  # not a number: the strict float refuses it, naming the field
     return value
 
 
