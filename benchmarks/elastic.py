@@ -22,23 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the node-loss script and its runner, the tiny dataset
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+from helpers import build_tiny_dataset, run_cluster_script  # noqa: E402
 
 from ptft_dist import checkpoint, jobs, launcher  # noqa: E402
 from ptft_dist import config as C  # noqa: E402
 from ptft_dist.tracking import read_metrics  # noqa: E402
 
-SCRIPT = ROOT / "tests" / "_elastic_pretrain.py"
 #: ~50M parameters (ModernBERT, vocabulary 8192)
 MODEL_50M = [
     "model.family=modernbert",
@@ -47,22 +47,6 @@ MODEL_50M = [
     "model.num_heads=10",
     "model.intermediate_size=2560",
 ]
-
-
-def tiny_dataset(work: Path) -> Path:
-    from ptft_dist.config import DataBuildConfig, TokenizerConfig
-    from ptft_dist.data.build import build
-
-    out = work / "tiny"
-    cfg = DataBuildConfig(
-        max_documents=2000,
-        seq_len=64,
-        samples_per_shard=100,
-        validation_fraction=0.05,
-        tokenizer=TokenizerConfig(vocab_size=1000),
-    )
-    build(cfg, out, progress=False)
-    return out
 
 
 def wiki_dataset(work: Path) -> Path:
@@ -76,30 +60,10 @@ def wiki_dataset(work: Path) -> Path:
 def node_loss(dataset: Path, work: Path, variant: str) -> dict:
     """One run of tests/_elastic_pretrain.py; the seconds of its timeline after the loss."""
     args = {"elastic": [], "elastic-60": ["--start-timeout", "60"], "fixed": ["--fixed"]}[variant]
-    ray_tmp = tempfile.mkdtemp(prefix="ptft-el-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
-    try:
-        r = subprocess.run(
-            [
-                sys.executable,
-                ROOT / "tests" / "_elastic_pretrain.py",
-                dataset,
-                work / variant,
-                "--skip-straight",
-                *args,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    if r.returncode:
-        raise RuntimeError(f"{variant}: exit {r.returncode}\n{(r.stdout + r.stderr)[-4000:]}")
-    t = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))["timeline"]
+    result, _ = run_cluster_script(
+        "_elastic_pretrain.py", dataset, work / variant, "--skip-straight", *args, timeout=1800
+    )
+    t = result["timeline"]
     return {k: round(v - t["removed"], 1) for k, v in t.items() if k != "removed"}
 
 
@@ -174,7 +138,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"node_loss": {}, "checkpoint": [], "stream": None}
     if not args.skip_loss:
-        dataset = tiny_dataset(work)
+        dataset = build_tiny_dataset(work / "tiny")
         for variant in ("elastic", "elastic-60", "fixed"):
             out["node_loss"][variant] = node_loss(dataset, work, variant)
             print(variant, out["node_loss"][variant], flush=True)

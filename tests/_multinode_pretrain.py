@@ -31,6 +31,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def head_node_args(num_cpus: int) -> dict:
+    """The head of a ``Cluster``: every port of our own choosing or picked by the OS, none of
+    Ray's defaults; the dashboard (it hosts the state API Ray Train polls) on loopback."""
+    return {
+        "num_cpus": num_cpus,
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": _free_port(),
+        "dashboard_agent_listen_port": _free_port(),
+        "gcs_server_port": _free_port(),
+    }
+
+
 def main(out: Path) -> int:
     from ray.cluster_utils import Cluster
 
@@ -41,16 +54,7 @@ def main(out: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not os.environ.get("RAY_TMPDIR"):
         sys.exit("set RAY_TMPDIR to a private directory (see this file's docstring)")
-    # Every port of our own choosing or picked by the OS, none of Ray's defaults.
-    head_args = {
-        "num_cpus": 1,
-        "include_dashboard": True,
-        "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port(),
-        "gcs_server_port": _free_port(),
-    }
-    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    cluster = Cluster(initialize_head=True, head_node_args=head_node_args(1))
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _multinode_pretrain import _free_port  # noqa: E402
+from _multinode_pretrain import head_node_args  # noqa: E402
 from helpers import TINY_MODEL  # noqa: E402
 
 
@@ -41,15 +41,7 @@ def main(dataset: Path, out: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not os.environ.get("RAY_TMPDIR"):
         sys.exit("set RAY_TMPDIR to a private directory (see tests/_multinode_pretrain.py)")
-    head_args = {
-        "num_cpus": 1,
-        "include_dashboard": True,
-        "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port(),
-        "gcs_server_port": _free_port(),
-    }
-    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    cluster = Cluster(initialize_head=True, head_node_args=head_node_args(1))
     try:
         doomed = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()

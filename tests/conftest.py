@@ -18,19 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """2,000 WikiText-2 documents -> WordPiece 1,000 -> 64-token samples in small shards."""
-    from ptft_dist.config import DataBuildConfig, TokenizerConfig
-    from ptft_dist.data.build import build
+    from helpers import build_tiny_dataset
 
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    cfg = DataBuildConfig(
-        max_documents=2000,
-        seq_len=64,
-        samples_per_shard=100,
-        validation_fraction=0.05,
-        tokenizer=TokenizerConfig(vocab_size=1000),
-    )
-    build(cfg, out, progress=False)
-    return out
+    return build_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
 @pytest.fixture(scope="session")

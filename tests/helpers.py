@@ -1,16 +1,63 @@
-"""What several test modules share: the tiny model every distributed test trains, and
-readers of W&B's offline run files. Test modules import from here, never from each other."""
+"""What several test modules share: the tiny model and dataset every distributed test trains, the runner
+of the ``tests/_*.py`` cluster scripts, and readers of W&B's offline run files. Test modules
+import from here, never from each other."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
 
 #: The model of every distributed test: a 2-layer, 64-wide encoder (seconds per step on CPU).
 TINY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128"]
+
+
+def build_tiny_dataset(out: Path) -> Path:
+    """2,000 WikiText-2 documents -> WordPiece 1,000 -> 64-token samples in small shards."""
+    from ptft_dist.config import DataBuildConfig, TokenizerConfig
+    from ptft_dist.data.build import build
+
+    cfg = DataBuildConfig(
+        max_documents=2000,
+        seq_len=64,
+        samples_per_shard=100,
+        validation_fraction=0.05,
+        tokenizer=TokenizerConfig(vocab_size=1000),
+    )
+    build(cfg, out, progress=False)
+    return out
+
+
+def run_cluster_script(script: str, *args, timeout: float = 1200, env: dict | None = None) -> tuple[dict, str]:
+    """Run ``tests/<script>`` (a ``ray.cluster_utils.Cluster`` of its own) in a process of its
+    own, with a private RAY_TMPDIR (Cluster records its address there, where no other
+    ``ray.init()`` on this machine looks); returns its last JSON line and its output."""
+    ray_tmp = tempfile.mkdtemp(prefix="ptft-cl-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    full_env = dict(os.environ, RAY_TMPDIR=ray_tmp, **(env or {}))
+    full_env.pop("RAY_ADDRESS", None)
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(
+            [sys.executable, here / script, *map(str, args)],
+            cwd=here.parent,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"exit {r.returncode}\n{out[-8000:]}"
+    return json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{"))), out
 
 
 def wandb_records(path: Path) -> list:

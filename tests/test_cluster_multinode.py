@@ -7,45 +7,20 @@ test session's own Ray (conftest's ``ray_session``).
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import run_cluster_script
 
 pytestmark = pytest.mark.dist
 
 
 def test_strict_spread_puts_the_two_workers_on_different_nodes(tmp_path):
-    # A private Ray temp dir, short enough for Ray's socket paths: Cluster records its
-    # address there, where no other ray.init() on this machine looks.
-    ray_tmp = tempfile.mkdtemp(prefix="ptft-mn-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(
-        os.environ, RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0", PTFT_RAY_LOGS="1"
-    )  # every worker's start-up line, on the console
-    env.pop("RAY_ADDRESS", None)
-    try:
-        r = subprocess.run(
-            [sys.executable, ROOT / "tests" / "_multinode_pretrain.py", tmp_path],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"exit {r.returncode}\n{out[-8000:]}"
-    result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+    # every worker's start-up line, on the console
+    result, out = run_cluster_script(
+        "_multinode_pretrain.py", tmp_path, timeout=600, env={"RAY_DEDUP_LOGS": "0", "PTFT_RAY_LOGS": "1"}
+    )
 
     # Where the ranks ran, from each worker's own start-up line (Ray's node id, not node_rank:
     # Ray numbers nodes by IP, and both nodes here share one).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, run_cluster_script
 
 from ptft_dist import checkpoint, jobs
 from ptft_dist import config as C
@@ -100,26 +100,7 @@ def test_sigkill_of_a_worker_restarts_from_the_checkpoint_and_loses_nothing(tmp_
 def test_a_lost_node_is_waited_for_and_the_run_resumes_losing_nothing(tmp_path, tiny_dataset):
     """ray.cluster_utils.Cluster in its own process (tests/_node_loss_pretrain.py): the node
     holding a worker is removed at step 12, a new one is added 25 s later."""
-    import shutil
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="ptft-nl-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
-    try:
-        r = subprocess.run(
-            [sys.executable, Path(__file__).parent / "_node_loss_pretrain.py", tiny_dataset, tmp_path],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"exit {r.returncode}\n{out[-8000:]}"
-    result = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+    result, out = run_cluster_script("_node_loss_pretrain.py", tiny_dataset, tmp_path, timeout=900)
     assert result["lost"]["metrics"]["completed"] is True and result["lost"]["metrics"]["steps"] == 30
     assert result["pids_before"] != result["pids_after"], "the worker group was restarted"
     assert "for cluster resources" in out, "the wait for a new node was not said"
@@ -131,31 +112,6 @@ def test_a_lost_node_is_waited_for_and_the_run_resumes_losing_nothing(tmp_path, 
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
 
 
-def _run_script(script: str, *args) -> tuple[dict, str]:
-    """Run a tests/_*.py cluster script in a process of its own with a private RAY_TMPDIR; its
-    last JSON line and its output."""
-    import shutil
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="ptft-el-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
-    try:
-        r = subprocess.run(
-            [sys.executable, Path(__file__).parent / script, *map(str, args)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"exit {r.returncode}\n{out[-8000:]}"
-    return json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{"))), out
-
-
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_elastic_run_goes_on_with_fewer_workers_and_grows_back_losing_nothing(tmp_path, tiny_dataset, stage):
     """tests/_elastic_pretrain.py: 2 nodes x 1 worker, scaling.min_workers=1. The node holding
@@ -164,7 +120,7 @@ def test_elastic_run_goes_on_with_fewer_workers_and_grows_back_losing_nothing(tm
     committed step trained on the samples of the uninterrupted run, each sample once per epoch."""
     from ptft_dist import ledger
 
-    result, out = _run_script("_elastic_pretrain.py", tiny_dataset, tmp_path, "--stage", stage)
+    result, _ = run_cluster_script("_elastic_pretrain.py", tiny_dataset, tmp_path, "--stage", stage)
     t = result["timeline"]
     assert t["removed"] < t["first_small_step"] < t["added"] < t["first_full_step"]
     assert result["elastic"]["metrics"]["completed"] is True and result["elastic"]["metrics"]["steps"] == 300
