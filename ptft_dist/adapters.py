@@ -92,6 +92,13 @@ def resolve_max_length(cfg: FinetuneConfig, tokenizer=None, train=None) -> tuple
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, max_length=chosen)), note
 
 
+def classifier_meta(model_dir: str | Path) -> dict:
+    """What ``ptft finetune`` recorded beside the weights (``classifier.json``): ``pooling`` and
+    ``max_length`` (the task's, in tokens); empty for a directory without it (older runs)."""
+    path = Path(model_dir) / "classifier.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_classifier(model_dir: str | Path):
     """(model, tokenizer, labels) from a saved adapter (with its base model) or a full model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -102,8 +109,7 @@ def load_classifier(model_dir: str | Path):
         raise DataError(f"{model_dir} has no labels.json: it is not an adapter or model written by `ptft finetune`")
     names = json.loads(labels_file.read_text())
     kw = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    head_file = model_dir / "classifier.json"
-    pooling = json.loads(head_file.read_text())["pooling"] if head_file.is_file() else "cls"
+    pooling = classifier_meta(model_dir).get("pooling", "cls")
     if (model_dir / "adapter_config.json").is_file():
         from peft import PeftModel
         from transformers import AutoConfig
@@ -128,4 +134,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "labels.json").write_text(json.dumps(names))
+    meta = classifier_meta(adapter_dir)
+    if meta:
+        (out / "classifier.json").write_text(json.dumps(meta))
     return out

@@ -142,7 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--text-column", default="text")
     pred.add_argument("--text-pair-column")
-    pred.add_argument("--max-length", type=int, default=128)
+    pred.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate texts to this many tokens (default: the task.max_length the model was finetuned with)",
+    )
     runs = sub.add_parser(
         "runs",
         help="a table of the run directories under DIR: command, state, steps, last eval metrics, start, duration",

@@ -246,20 +246,26 @@ def predict(
     *,
     text_column: str = "text",
     text_pair_column: str | None = None,
-    max_length: int = 128,
+    max_length: int | None = None,
     batch_size: int = 64,
 ) -> dict:
     """``ptft predict``: apply a finetuned adapter (or full model) to a file, in this process.
-    Writes a CSV with the text(s), the predicted label and its probability."""
+    Writes a CSV with the text(s), the predicted label and its probability. ``max_length``
+    (tokens): by default the length the model was finetuned with (128 for a model that does not
+    record it)."""
     import csv
 
     import torch
 
-    from .adapters import load_classifier
+    from .adapters import classifier_meta, load_classifier
     from .data.build import DataError
     from .data.labeled import iter_rows
 
+    if max_length is not None and max_length < 1:
+        raise DataError(f"--max-length must be a positive number of tokens, got {max_length}")
     model, tokenizer, names = load_classifier(model_dir)
+    max_length = max_length or classifier_meta(model_dir).get("max_length") or 128
+    log.info("predict: texts truncated to %d tokens", max_length)
     texts, pairs, ids = [], [], []
     for where, row in iter_rows(input_file):  # a file, or a mongodb:// collection
         for column in (text_column,) + ((text_pair_column,) if text_pair_column else ()):

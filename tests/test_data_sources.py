@@ -347,6 +347,7 @@ def _tiny_base_model(tmp_path, tokenizer_dir) -> Path:
 def test_finetune_from_collections_and_predictions_written_back(mongo_server, tiny_dataset, tmp_path, ray_session):
     from ptft_dist import config as C
     from ptft_dist import jobs
+    from ptft_dist.adapters import classifier_meta
 
     rows = [(f"the river and the {w} near the city", "water") for w in WORDS] + [
         (f"a song of the {w} and the film", "music") for w in WORDS
@@ -375,7 +376,8 @@ def test_finetune_from_collections_and_predictions_written_back(mongo_server, ti
     assert summary["metrics"]["num_test_examples"] == len(rows), "the test set is the ft.test collection"
     model_dir = summary["artifacts"].get("adapter") or summary["artifacts"]["model"]
     out = f"{mongo_server}/ft.predictions"
-    made = jobs.predict(model_dir, test, out, max_length=16)
+    assert classifier_meta(model_dir) == {"pooling": "cls", "max_length": 16}, "predict truncates as trained"
+    made = jobs.predict(model_dir, test, out)
     assert made["metrics"]["num_examples"] == len(rows)
     back = list(pymongo.MongoClient(mongo_server).ft.predictions.find().sort("_id", 1))
     assert [d["_id"] for d in back] == [5000 + i for i in range(len(rows))], "one document per input, with its _id"

@@ -345,7 +345,9 @@ def export(s: Setup) -> dict[str, str]:
         else:
             models.save_hf(s.engine.module, state, s.tokenizer, out_dir)
         (out_dir / "labels.json").write_text(json.dumps(s.names))
-        (out_dir / "classifier.json").write_text(json.dumps({"pooling": cfg.pooling}))
+        (out_dir / "classifier.json").write_text(
+            json.dumps({"pooling": cfg.pooling, "max_length": cfg.task.max_length})
+        )
     barrier()
     artifacts = {key: str(out_dir.resolve())}
     if s.world.is_rank_zero and cfg.export_merged and adapter:
