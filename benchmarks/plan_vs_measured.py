@@ -17,7 +17,9 @@ config, global batch = micro x 2). Random token ids: memory and time do not depe
   together). The planner's CPU rate (FLOP/s per rank) is calibrated on one point
   (``--calibrate size:stage:micro``); its gloo bandwidth and per-collective latency are measured
   here by an all-reduce of 16 MB and of 4 bytes, its optimizer rate by AdamW steps over 4M
-  parameters. Every other point is a prediction.
+  parameters, and (when stage 3 is measured) ZeRO-3's host work per module, partitioned tensor,
+  persistent tensor and reduce bucket by stacks of 8 and 40 tiny linears under ZeRO-3 (the
+  slopes; ``_zero3_worker``). Every other point is a prediction.
 
 Prints the table and, last, one JSON line of every figure. About 10 minutes on 2 cores.
 """
@@ -192,6 +194,91 @@ def _bandwidth_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+#: The ZeRO-3 micro-benchmark: stacks of Linear(64, 64, bias=False), few and many, timed per step.
+ZERO3_WIDTH, ZERO3_BLOCKS, ZERO3_STEPS = 64, (8, 40), 8
+
+
+def _zero3_step_cpu_s(dist, blocks: int, identity: bool, one_bucket: bool, bias: bool) -> float:
+    """Median CPU seconds of rank 0 per ZeRO-3 step of ``blocks`` tiny linears (the derived config with
+    hidden size 64: each weight is partitioned, gathered alone and reduced in a bucket of its own),
+    with a parameterless module after each (``identity``), with all gradients in one bucket, and with a
+    bias each (64 elements: a persistent tensor)."""
+    from ptft_dist import engine as E
+
+    d = ZERO3_WIDTH
+    optim = C.OptimConfig(global_batch_size=2 * WORLD, micro_batch_size_per_rank=2, warmup_steps=1)
+    ds = E.ds_config(optim, C.ZeroConfig(stage=3), C.ScalingConfig(num_workers=WORLD), d)
+    if one_bucket:
+        ds["zero_optimization"]["reduce_bucket_size"] = 10 * blocks * d * d
+    with E.model_init_context(ds):
+        layers = []
+        for _ in range(blocks):
+            layers += [torch.nn.Linear(d, d, bias=bias)] + ([torch.nn.Identity()] if identity else [])
+        model = torch.nn.Sequential(*layers)
+    engine = E.initialize(model, optim, ds)
+    x = torch.randn(2, d)
+    times = []
+    for step in range(2 + ZERO3_STEPS):
+        dist.barrier()
+        started = time.process_time()
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+        if step >= 2:
+            times.append(time.process_time() - started)
+    engine.destroy()
+    del engine, model
+    gc.collect()
+    return statistics.median(times)
+
+
+def _zero3_worker(rank: int, port: int, out: str) -> None:
+    """ZeRO-3's host work per module, per parameter and per gradient bucket, from the slopes of
+    three stacks (``blocks`` = 4 and 36): per block, a plain stack runs one module, one parameter,
+    one all-gather and one reduce bucket; with an Identity after each linear, one module more;
+    with one bucket for all gradients, one reduce bucket less; with a bias too (one bucket), one
+    persistent tensor more (all-gathered after the step). Each slope also holds the collectives'
+    latency (measured separately, subtracted here). Tiny tensors: no compute, no bytes."""
+    import torch.distributed as dist
+
+    _env(rank, port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from ptft_dist import engine as E
+    from ptft_dist.world import World
+
+    E.init_distributed(World(rank=rank, world_size=WORLD), C.ScalingConfig(num_workers=WORLD))
+    few, many = ZERO3_BLOCKS
+    slopes = {}
+    variants = (
+        ("plain", False, False, False),
+        ("identity", True, False, False),
+        ("one_bucket", False, True, False),
+        ("one_bucket_bias", False, True, True),
+    )
+    for name, identity, one_bucket, bias in variants:
+        t_few = _zero3_step_cpu_s(dist, few, identity, one_bucket, bias)
+        t_many = _zero3_step_cpu_s(dist, many, identity, one_bucket, bias)
+        slopes[name] = (t_many - t_few) / (many - few)
+    if rank == 0:
+        Path(out).write_text(json.dumps({f"zero3_slope_{k}_cpu_s": v for k, v in slopes.items()}))
+    dist.destroy_process_group()
+
+
+def zero3_costs(slopes: dict, latency_s: float) -> dict:
+    """Per module, partitioned and persistent tensor and bucket (CPU seconds) from the four slopes:
+    plain = module + tensor + bucket + 2 latencies, identity = plain + module,
+    one bucket = module + tensor + 1 latency, one bucket with bias = one bucket + persistent + 1 latency."""
+    names = ("plain", "identity", "one_bucket", "one_bucket_bias")
+    plain, ident, one, one_bias = (slopes[f"zero3_slope_{k}_cpu_s"] for k in names)
+    module = ident - plain
+    return {
+        "module_s": module,
+        "param_s": one - latency_s - module,
+        "persistent_s": one_bias - one - latency_s,
+        "bucket_s": plain - one - latency_s,
+    }
+
+
 def measure(points: list, steps: int, work: Path) -> dict:
     out = work / "points.json"
     torch.multiprocessing.spawn(_worker, args=(_free_port(), points, steps, str(out)), nprocs=WORLD)
@@ -247,6 +334,8 @@ def main() -> None:
     else:
         work = Path(tempfile.mkdtemp(prefix="ptft-plan-"))
         torch.multiprocessing.spawn(_bandwidth_worker, args=(_free_port(), str(work / "bandwidth.json")), nprocs=WORLD)
+        if any(pt[1] == 3 for pt in points):
+            torch.multiprocessing.spawn(_zero3_worker, args=(_free_port(), str(work / "zero3.json")), nprocs=WORLD)
         print(f"measuring {len(points)} points; results in {work}", flush=True)
         measured = measure(points, a.steps, work)
     bw = json.loads((work / "bandwidth.json").read_text())
@@ -255,6 +344,11 @@ def main() -> None:
             torch.multiprocessing.spawn(_bandwidth_worker, args=(_free_port(), str(work / "rates.json")), nprocs=WORLD)
         rates = json.loads((work / "rates.json").read_text())
         bw.update({k: v for k, v in rates.items() if k.startswith("adam")})
+    if any(pt[1] == 3 for pt in points) and "zero3_slope_plain_cpu_s" not in bw:  # ZeRO-3's host work, once
+        if not (work / "zero3.json").is_file():
+            torch.multiprocessing.spawn(_zero3_worker, args=(_free_port(), str(work / "zero3.json")), nprocs=WORLD)
+        bw.update(json.loads((work / "zero3.json").read_text()))
+    zero3 = zero3_costs(bw, bw["latency_cpu_s"]) if "zero3_slope_plain_cpu_s" in bw else None
     # Calibration: the CPU rate that makes the planned step time of one point equal its measurement,
     # once for CPU seconds (what the rank itself spends: robust to a loaded machine) and once for wall time.
     devices = {}
@@ -265,6 +359,9 @@ def main() -> None:
             latency_s=bw[f"latency{name}_s"],
             optimizer_params_per_s=bw.get(f"adam_params_per_s{name}", P.CPU.optimizer_params_per_s),
         )
+        if zero3:  # measured in CPU seconds only: the same figures for the wall-time plan
+            cpu = replace(cpu, zero3_module_s=zero3["module_s"], zero3_param_s=zero3["param_s"])
+            cpu = replace(cpu, zero3_persistent_s=zero3["persistent_s"], zero3_bucket_s=zero3["bucket_s"])
         probe = planned(*cal, cpu)
         compute_s = measured[cal][f"step{name}_s"] - (probe["step_s"] - probe["compute_s"])  # less comm + optimizer
         devices[name] = replace(cpu, peak_tflops=probe["flops_per_step"] / compute_s / 1e12)
@@ -303,6 +400,12 @@ def main() -> None:
         f"{bw['latency_cpu_s'] * 1e6:.0f} us per collective in CPU seconds ({bw['gbs']:.2f} GB/s, "
         f"{bw['latency_s'] * 1e6:.0f} us wall); measured in {time.perf_counter() - started:.0f} s"
     )
+    if zero3:
+        print(
+            f"ZeRO-3 host work, CPU seconds: {zero3['module_s'] * 1e6:.0f} us per module, {zero3['param_s'] * 1e6:.0f} "
+            f"us per partitioned tensor, {zero3['persistent_s'] * 1e6:.0f} us per persistent tensor, "
+            f"{zero3['bucket_s'] * 1e6:.0f} us per reduce bucket (micro-benchmark)"
+        )
     print(
         f"{'size':<7} {'stage':>5} {'micro':>5} {'params M':>8} {'peak MB plan':>12} {'measured':>9} {'err':>6} "
         f"{'fwd-end plan/meas':>18} {'bwd-end plan/meas':>18} {'CPU s plan':>10} {'measured':>9} {'err':>6} "
@@ -334,6 +437,7 @@ def main() -> None:
         "cpu_gflops_per_rank": rate,
         "cpu_gflops_per_rank_wall": devices[""].peak_tflops * 1e3,
         "gloo": bw,
+        "zero3_host_s": zero3,
         "max_abs_memory_error": max(abs(r["memory_error"]) for r in rows),
         "max_abs_time_error": max(abs(r["time_error"]) for r in others) if others else None,
         "median_abs_time_error": statistics.median(abs(r["time_error"]) for r in others) if others else None,

@@ -21,7 +21,8 @@ Every term, per rank, with N data-parallel ranks and P parameters (T of them tra
 - communication: ring collectives, bytes each rank sends per optimizer step.
 - time: FLOPs (``6 x non-embedding parameters`` + attention + head, as
   ``ptft_dist.models.flops_per_token``) / (peak x MFU) + the exposed communication + the
-  optimizer step (memory-bound: parameters updated on the rank / the device's update rate).
+  optimizer step (memory-bound: parameters updated on the rank / the device's update rate); on
+  CPU, stage 3's host work too (:func:`zero3_host_s`: modules, tensors and buckets x measured costs).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class Device:
     host_memory_gib: float  # per node, for what offload keeps on the host
     source: str
     optimizer_params_per_s: float = 1e9  # AdamW updates per second per rank (memory-bound)
+    # ZeRO-3's host work per micro batch (seconds, on top of its collectives): per module (DeepSpeed's
+    # four hooks), per partitioned tensor (fetch, release, gradient hook), per persistent tensor and
+    # per gradient bucket (flattening and splitting around the reduce-scatter). Measured on CPU only.
+    zero3_module_s: float = 0.0
+    zero3_param_s: float = 0.0
+    zero3_persistent_s: float = 0.0
+    zero3_bucket_s: float = 0.0
 
     @property
     def is_gpu(self) -> bool:
@@ -92,8 +100,24 @@ DEVICES: dict[str, Device] = {
 #: A CPU rank (one core per rank, fp32, gloo over loopback): the 2-core machine of
 #: docs/performance.md as benchmarks/plan_vs_measured.py measured it in CPU seconds (53 GFLOP/s
 #: per rank calibrated on one training step, gloo 1.44 GB/s per rank and 133 us per collective,
-#: AdamW 2.7e8 parameters/s); pass ``--cpu-gflops`` for another machine. Memory: the host's.
-CPU = Device("CPU", 0.053, 0.0, 1.44, 1.44, 1e9, 1.0, 133e-6, 1, 0.0, "measured: benchmarks/plan_vs_measured.py", 2.7e8)
+#: AdamW 2.7e8 parameters/s; ZeRO-3's host work: ZERO3_CPU_S, its micro-benchmark of 2026-12-01);
+#: pass ``--cpu-gflops`` for another machine. Memory: the host's.
+ZERO3_CPU_S = (1596e-6, 128e-6, 417e-6, 1340e-6)  # per module, partitioned tensor, persistent tensor, bucket
+CPU = Device(
+    "CPU",
+    0.053,
+    0.0,
+    1.44,
+    1.44,
+    1e9,
+    1.0,
+    133e-6,
+    1,
+    0.0,
+    "measured: benchmarks/plan_vs_measured.py",
+    2.7e8,
+    *ZERO3_CPU_S,
+)
 
 #: GiB per GPU the planner keeps free: CUDA context, cuBLAS/NCCL workspaces, allocator slack.
 RESERVE_GIB = 2.5
@@ -210,6 +234,32 @@ def num_params(s: Shape) -> int:
         layer = 3 * h * h + h * h + h + 2 * i * h + i * h + h
         return V * h + h + L * layer - h + h + (h * h + h) + V
     raise ConfigError(f"model.family {s.family!r} is not one the planner knows (bert, roberta, modernbert)")
+
+
+def parameter_numels(s: Shape) -> list[int]:
+    """The elements of each parameter tensor, in the order the model registers them (the order of the
+    forward, but for the decoder bias and RoBERTa's positions; the decoder weight is the word
+    embeddings'): what ZeRO-3 gathers, hooks and buckets one by one. Sums to :func:`num_params`."""
+    h, i, V, L = s.hidden, s.intermediate, s.vocab, s.layers
+    if s.family in ("bert", "roberta"):
+        words, positions, rest = [V * h], [(s.max_positions + 2 * (s.family == "roberta")) * h], [2 * h, h, h]
+        embeddings = words + (rest + positions if s.family == "roberta" else positions + rest)
+        layer = [h * h, h] * 4 + [h, h] + [i * h, i, h * i, h] + [h, h]  # q, k, v, o; LayerNorm; FFN; LayerNorm
+        return embeddings + layer * L + [V, h * h, h, h, h]  # decoder bias, head transform, LayerNorm
+    if s.family == "modernbert":
+        layers = []
+        for n in range(L):  # layer 0 has no attention norm
+            layers += ([] if n == 0 else [h]) + [3 * h * h, h * h, h, 2 * i * h, i * h]
+        return [V * h, h] + layers + [h, h * h, h, V]  # final norm, head dense and norm, decoder bias
+    raise ConfigError(f"model.family {s.family!r} is not one the planner knows (bert, roberta, modernbert)")
+
+
+def num_modules(s: Shape) -> int:
+    """``nn.Module`` objects of the masked LM as ``ptft_dist.models.build_mlm`` builds it: ZeRO-3 hooks every one.
+    BERT: 18 per layer (attention, its 4 linears, LayerNorm, 2 dropouts, the FFN's 2 linears, activation, ...)
+    and 18 outside (embeddings, head, the wrappers); RoBERTa 3 fewer outside; ModernBERT 12 per layer, 14 outside."""
+    per_layer, outside = {"bert": (18, 18), "roberta": (18, 15), "modernbert": (12, 14)}[s.family]
+    return per_layer * s.layers + outside
 
 
 def non_embedding_flops_params(s: Shape) -> int:
@@ -354,6 +404,44 @@ STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
+class Zero3Work:
+    """What ZeRO-3 does per micro batch beyond the arithmetic, counted as DeepSpeed 0.19 does it with
+    the derived config (``stage3_param_persistence_threshold`` = 10 x hidden, ``reduce_bucket_size`` =
+    hidden^2, ``stage3_prefetch_bucket_size`` = 0.9 x hidden^2 and the default 1e9 live parameters)."""
+
+    modules: int  # every module's pre/post-forward and pre/post-backward hooks run once
+    params: int  # parameter tensors: fetched and released, and a gradient hook each
+    gathers: int  # forward all-gathers: one per partitioned tensor (each is larger than the prefetch bucket)
+    buckets: int  # gradient reduce-scatters: the backward's tensors packed greedily into reduce buckets
+    persistent: int  # tensors of at most the threshold: not partitioned, all-gathered once after each step
+    regathered: float  # elements gathered again in the backward: those past the 1e9 live parameters
+
+
+def zero3_work(numels: list[int], modules: int, persistence_threshold: int, bucket_elements: float) -> Zero3Work:
+    """Count :class:`Zero3Work` from the parameter tensors (:func:`parameter_numels`). The buckets:
+    DeepSpeed reduces the open bucket when the next gradient would overflow it, in the backward's
+    order (the reverse of the registration order)."""
+    buckets, filled = 0, 0
+    for n in reversed(numels):
+        if filled and filled + n > bucket_elements:
+            buckets, filled = buckets + 1, 0
+        filled += n
+    partitioned = [n for n in numels if n > persistence_threshold]
+    regathered = max(0.0, sum(numels) - STAGE3_MAX_LIVE_PARAMETERS)
+    return Zero3Work(
+        modules, len(numels), len(partitioned), buckets + bool(filled), len(numels) - len(partitioned), regathered
+    )
+
+
+def zero3_host_s(work: Zero3Work, device: Device, accum: int) -> float:
+    """ZeRO-3's host work per optimizer step, without its collectives: per micro batch, the measured
+    cost of each module's hooks, of each partitioned and persistent tensor and of each reduce bucket."""
+    per_micro = work.modules * device.zero3_module_s + work.gathers * device.zero3_param_s
+    per_micro += work.persistent * device.zero3_persistent_s + work.buckets * device.zero3_bucket_s
+    return accum * per_micro
+
+
+@dataclass(frozen=True)
 class Comm:
     """Bytes each rank sends per optimizer step, and the number of collectives."""
 
@@ -371,7 +459,7 @@ def communication(
     dtype_bytes: int,
     reduce_scatter: bool,
     bucket_elements: float,
-    layers: int,
+    work: Zero3Work | None = None,
 ) -> Comm:
     """Ring collectives: an all-reduce of S bytes sends 2 S (N-1)/N per rank, a reduce-scatter or
     all-gather S (N-1)/N.
@@ -380,8 +468,11 @@ def communication(
     - stages 1-2: every micro batch's gradients go to their owners (reduce-scatter, or an
       all-reduce of the bucket with ``zero.reduce_scatter=false``, the CPU default), and after the
       step the updated weights are all-gathered;
-    - stage 3: per micro batch, weights all-gathered in the forward and again in the backward, and
-      gradients reduce-scattered: 3 x, overlapped with compute by DeepSpeed's default.
+    - stage 3 (``work`` counts its collectives): per micro batch, the weights all-gathered in the
+      forward, one collective per partitioned tensor, and again in the backward only past the 1e9
+      live parameters (below that the forward's stay gathered, as the memory term has it); the
+      gradients reduce-scattered per bucket; per step, the persistent tensors all-gathered and 2
+      all-reduces (gradient norm, overflow). Overlapped with compute by DeepSpeed's default on GPUs.
     """
     if n == 1:
         return Comm(0.0, 0.0, False)
@@ -393,7 +484,11 @@ def communication(
     if stage in (1, 2):
         per_micro = (1 if reduce_scatter else 2) * g * ring
         return Comm(accum * per_micro + total * dtype_bytes * ring, accum * buckets + 1, False)
-    return Comm(accum * (2 * total * dtype_bytes + g) * ring, accum * (2 * (layers + 2) + buckets), True)
+    if work is None:
+        raise ValueError("stage 3 needs its Zero3Work")
+    per_micro = (total + work.regathered) * dtype_bytes + g
+    collectives = accum * (work.gathers * (1 + (work.regathered > 0)) + work.buckets) + work.persistent + 2
+    return Comm(accum * per_micro * ring, collectives, True)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -511,6 +606,7 @@ def _row(
     achieved_flops: float,
     reduce_scatter: bool,
     bucket_elements: float,
+    zero3: Zero3Work,
 ) -> Row:
     n = target.world_size
     dtype_bytes = 2 if bf16 else 4
@@ -525,15 +621,19 @@ def _row(
     host_fits = states.host <= target.device.host_memory_gib * GIB * HOST_USABLE / target.ranks_per_node
     fits = usable >= states.with_grads + on_host and usable > fixed and (host_fits or not target.device.is_gpu)
     max_mb = int((usable - fixed) // per_sample) if fits else 0
-    comm = communication(trainable, total, stage, n, accum, dtype_bytes, reduce_scatter, bucket_elements, shape.layers)
+    comm = communication(trainable, total, stage, n, accum, dtype_bytes, reduce_scatter, bucket_elements, zero3)
     flops = micro * accum * seq_len * flops_per_token(shape, seq_len, mask_fraction)
     if checkpointing:  # the encoder's forward runs twice
         flops += micro * accum * seq_len * 2.0 * non_embedding_flops_params(shape)
     compute_s = flops / achieved_flops
     bw = target.device.intra_node_gbs if target.num_nodes == 1 else target.device.inter_node_gbs
     comm_s = comm.bytes / (bw * 1e9) + comm.collectives * target.device.latency_s
-    # DeepSpeed overlaps stage 3's collectives on separate CUDA streams; gloo on CPU blocks the rank
+    # DeepSpeed overlaps stage 3's collectives on separate CUDA streams; gloo on CPU blocks the rank.
+    # Its host work (hooks, fetch and release, bucket bookkeeping) blocks a CPU rank too; on a GPU the
+    # host queues kernels ahead of the device, so it is taken as hidden (not measured there).
     overlapped = comm.overlapped and target.device.is_gpu
+    if stage == 3 and n > 1 and not target.device.is_gpu:
+        comm_s += zero3_host_s(zero3, target.device, accum)
     exposed = max(0.0, comm_s - compute_s) if overlapped else comm_s
     offload_s, optimizer_s = 0.0, 0.0
     if "optimizer" not in offload:  # AdamW over this rank's partition (all of it at stage 0), memory-bound
@@ -748,6 +848,11 @@ def make_plan(
     usable = target.memory_gib * GIB - (RESERVE_GIB * GIB if target.device.is_gpu else 0.0)
     reduce_scatter = cfg.zero.reduce_scatter if cfg.zero.reduce_scatter is not None else target.device.is_gpu
     bucket = cfg.zero.bucket_elements or max(shape.hidden**2, 0 if target.device.is_gpu else 5_000_000)
+    # ZeRO-3 keeps hidden^2 buckets on CPU too (ptft_dist/ds_config.py); tensors of at most 10 x hidden persist.
+    # A finetune is counted as its encoder's masked LM (the head and LoRA's small tensors aside).
+    zero3 = zero3_work(
+        parameter_numels(shape), num_modules(shape), 10 * shape.hidden, cfg.zero.bucket_elements or shape.hidden**2
+    )
     common = dict(
         total=total,
         trainable=trainable,
@@ -760,6 +865,7 @@ def make_plan(
         achieved_flops=achieved,
         reduce_scatter=reduce_scatter,
         bucket_elements=bucket,
+        zero3=zero3,
     )
     rows = [
         _row(shape, target, st, off, checkpointing=False, **common) for st in range(4) for off in _offload_choices(st)
@@ -781,7 +887,11 @@ def make_plan(
         f"communication at {target.device.intra_node_gbs if target.num_nodes == 1 else target.device.inter_node_gbs} "
         f"GB/s per rank ({'inside one node' if target.num_nodes == 1 else 'across nodes'}) + "
         f"{target.device.latency_s * 1e6:.0f} us per collective; exposed for stages 0-2, "
-        + ("overlapped for stage 3" if target.device.is_gpu else "and for stage 3 (gloo blocks)"),
+        + (
+            "overlapped for stage 3 (its host work taken as hidden)"
+            if target.device.is_gpu
+            else "and for stage 3 (gloo blocks), with its measured host work per module, tensor and bucket"
+        ),
     ]
     return Plan(
         kind,

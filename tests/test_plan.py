@@ -70,9 +70,50 @@ def test_communication_by_hand():
     assert rs.bytes == 2 * (params * 2 * 3 / 4) + params * 2 * 3 / 4  # reduce-scatter per micro + all-gather
     ar = P.communication(params, params, 2, 4, 2, 2, False, 5e6, 2)
     assert ar.bytes == 2 * (2 * params * 2 * 3 / 4) + params * 2 * 3 / 4  # all-reduce instead (the CPU default)
-    z3 = P.communication(params, params, 3, 4, 2, 2, True, 5e6, 2)
-    assert z3.bytes == 2 * 3 * params * 2 * 3 / 4 and z3.overlapped
-    assert P.communication(params, params, 3, 1, 2, 2, True, 5e6, 2).bytes == 0
+    work = P.zero3_work(P.parameter_numels(TINY), P.num_modules(TINY), 640, 4096)
+    z3 = P.communication(params, params, 3, 4, 2, 2, True, 5e6, work)
+    # per micro batch one all-gather of the weights (the forward's stay gathered) + one reduce-scatter
+    assert z3.bytes == 2 * 2 * params * 2 * 3 / 4 and z3.overlapped
+    assert z3.collectives == 2 * (16 + 29) + 26 + 2  # per micro: gathers + buckets; per step: persistent + 2
+    assert P.communication(params, params, 3, 1, 2, 2, True, 5e6, work).bytes == 0
+
+
+def test_zero3_work_by_hand():
+    # threshold 60, buckets of 200, backward order 50, 50 | 300 | 10, 100: three buckets
+    w = P.zero3_work([100, 10, 300, 50, 50], 7, 60, 200)
+    assert (w.modules, w.params, w.gathers, w.buckets, w.persistent, w.regathered) == (7, 5, 2, 3, 3, 0.0)
+    # TINY with the derived config (persist <= 10 x 64, buckets of 64^2): partitioned are the word and
+    # position embeddings, 6 weights per layer, the head's dense weight and the decoder bias
+    tiny = P.zero3_work(P.parameter_numels(TINY), P.num_modules(TINY), 640, 4096)
+    assert (tiny.modules, tiny.params, tiny.gathers, tiny.persistent) == (54, 42, 2 + 2 * 6 + 2, 26)
+    # backward: head 3 buckets (64 x 3 | 4096 | 1000 + layer 1's first three 64s), each layer 12 more
+    # (16384 | 256 | 16384 | 64 x 3 | then 4096 and 64 alternately), embeddings 3 (64 x 2 + 128 | 4096 | 64000)
+    assert tiny.buckets == 2 + 2 * 12 + 3 == 29
+    big = P.zero3_work([2 * 10**9 // 3] * 3, 1, 640, 4096)  # past the 1e9 live parameters: gathered again
+    assert big.regathered == 2 * 10**9 // 3 * 3 - 10**9
+
+
+def test_zero3_host_time_by_hand(tmp_path):
+    cfg = _tiny_cfg(run_dir=str(tmp_path / "none"), **{"zero.stage": 3})
+    cpu = P.replace(
+        P.CPU,
+        peak_tflops=1e-3,
+        intra_node_gbs=1.0,
+        latency_s=1e-4,
+        optimizer_params_per_s=1e8,
+        zero3_module_s=1e-5,
+        zero3_param_s=2e-5,
+        zero3_persistent_s=4e-6,
+        zero3_bucket_s=3e-5,
+    )
+    row = P.make_plan(cfg, P.Target(cpu, 1, 4, 1.0), seq_len=32, vocab_size=1000).configured
+    params = 173_608
+    host = 2 * (54 * 1e-5 + 16 * 2e-5 + 26 * 4e-6 + 29 * 3e-5)  # 2 micro batches: modules, tensors, buckets
+    collectives = 2 * (16 + 29) + 26 + 2
+    assert row.comm_s == pytest.approx(2 * 2 * params * 4 * 3 / 4 / 1e9 + collectives * 1e-4 + host)
+    assert row.step_s == pytest.approx(row.compute_s + row.comm_s + params / 4 / 1e8)  # gloo blocks: all exposed
+    gpu = P.make_plan(cfg, P.Target(P.DEVICES["H100"], 1, 4, 80.0), seq_len=32, vocab_size=1000).configured
+    assert gpu.comm_s == pytest.approx(2 * 2 * params * 2 * 3 / 4 / 360e9 + collectives * 20e-6)  # no host term
 
 
 def _tiny_cfg(**over) -> C.PretrainConfig:
@@ -129,6 +170,8 @@ def test_parameter_count_matches_the_real_models():
             model = models.build_mlm(cfg, models.mlm_config(cfg, vocab_size=1000, special_ids=special))
             shape = P.Shape(family, h, layers, 2, inter, 1000, 64, cfg.dropout)
             assert P.num_params(shape) == models.num_params(model), (family, h)
+            assert P.parameter_numels(shape) == [p.numel() for p in model.parameters()], (family, h)
+            assert P.num_modules(shape) == len(list(model.modules())), (family, h)
             assert P.flops_per_token(shape, 32, 0.3) == models.flops_per_token(model.config, 32, 0.3)
 
 
