@@ -29,6 +29,10 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # One thread per reserved CPU: two ranks on two cores must not oversubscribe.
         torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
+        # DeepSpeed's CPU accelerator counts its "devices" from LOCAL_SIZE (its own launcher's
+        # name for the ranks on this node) and otherwise runs `numactl` in a subprocess, on
+        # every ZeRO-3 gradient bucket: give it the number torchrun and Ray Train set.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     import deepspeed
 
     backend = "nccl" if on_gpu(scaling) else "gloo"
