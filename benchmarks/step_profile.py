@@ -1,6 +1,7 @@
 """Where the time of a training step goes: ptft (Ray Train + DeepSpeed ZeRO) against torch DDP.
 
     python benchmarks/step_profile.py [--seconds 20] [--stage 2] [--native]
+    python benchmarks/step_profile.py --ray-cpu [--seconds 60] [--dataset DIR]
 
 The model, data, global batch and masking of ``benchmarks/train_throughput.py`` (ModernBERT 256
 x 4, 32 x 128 tokens per step, 2 ranks x 1 thread). Each setup trains until it is warm (15
@@ -13,6 +14,13 @@ Prints the table and, last, one JSON line.
 
 py-spy sees Python frames (``--native`` adds C++ frames, slower): DDP's gradient buckets are
 reduced in C++ autograd hooks, so without ``--native`` they count as its backward.
+
+``--ray-cpu`` measures instead what Ray's own processes take from the training: the same ptft
+run twice, with the embedded cluster as Ray's defaults start it (``PTFT_RAY_DASHBOARD=1``) and
+as ptft starts it (lean), and for each the CPU time (user + system) of every process of that
+Ray session but the two training workers (gcs_server, raylet, the dashboard, the agents, every
+``ray::`` actor, and the driver apart), in CPU ms per second of wall time over ``--seconds`` of
+steady training. CPU time does not depend on how busy the machine is the way step times do.
 """
 
 from __future__ import annotations
@@ -78,6 +86,72 @@ def _cpu_seconds(exclude: set[int]) -> dict[str, float]:
     return out
 
 
+def ray_label(proc) -> str | None:
+    """What a process of the Ray session is, by its command line; None for the training workers."""
+    cmd = proc.info["cmdline"] or []
+    head = cmd[0] if cmd else proc.info["name"] or "?"
+    if head.startswith("ray::"):
+        actor = head[5:].split(".")[0].split(" ")[0]
+        return None if actor == "RayTrainWorker" else actor
+    line = " ".join(cmd)
+    for needle, label in (
+        ("gcs_server", "gcs_server"),
+        ("raylet", "raylet"),
+        ("dashboard/dashboard.py", "dashboard head"),
+        ("ray.dashboard", "dashboard head modules"),
+        ("ray-dashboard-", "dashboard head modules"),
+        ("dashboard/agent.py", "DashboardAgent"),
+        ("runtime_env/agent", "RuntimeEnvAgent"),
+        ("log_monitor.py", "log monitor"),
+        ("autoscaler/_private/monitor.py", "autoscaler monitor"),
+        ("default_worker.py", "worker starting"),
+    ):
+        if needle in line:
+            return label
+    return Path(head).name[:40]
+
+
+def ray_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds so far) of every process of the Ray session that ``root`` (the
+    driver) started: its descendants, so another Ray cluster on the machine does not count. The
+    training workers are left out; the driver itself is labelled ``driver``."""
+    import psutil
+
+    out = {}
+    try:
+        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        try:
+            with proc.oneshot():
+                proc.info = {"cmdline": proc.cmdline(), "name": proc.name()}
+                label = "driver" if proc.pid == root else ray_label(proc)
+                times = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if label is not None:
+            out[proc.pid] = (label, times.user + times.system)
+    return out
+
+
+def ray_cpu_window(seconds: float, root: int | None = None) -> dict[str, float]:
+    """CPU ms per wall second of each kind of Ray process over the next ``seconds`` (processes
+    that start inside the window count from zero); ``Ray total`` sums all but the driver."""
+    root = root or os.getpid()
+    before = ray_cpu_seconds(root)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    after = ray_cpu_seconds(root)
+    wall = time.monotonic() - t0
+    by_label: collections.Counter = collections.Counter()
+    for pid, (label, cpu) in after.items():
+        by_label[label] += cpu - before.get(pid, (label, 0.0))[1]
+    out = {k: round(1000 * v / wall, 1) for k, v in sorted(by_label.items(), key=lambda kv: -kv[1])}
+    out["Ray total"] = round(sum(v for k, v in out.items() if k != "driver"), 1)
+    return out
+
+
 def record(pids: list[int], seconds: float, work: Path, tag: str, native: bool) -> list[Path]:
     outs, procs = [], []
     record.others_before = _cpu_seconds({*pids, os.getpid()})
@@ -132,9 +206,8 @@ def _beat(run_dir: Path, rank: int) -> dict:
         return {}
 
 
-def profile_ptft(dataset: Path, work: Path, seconds: float, stage: int, native: bool) -> dict:
-    run_dir = work / f"ptft_z{stage}"
-    cfg = C.load(
+def _ptft_config(dataset: Path, run_dir: Path, stage: int):
+    return C.load(
         "pretrain",
         "pretrain_tiny",
         [
@@ -151,12 +224,30 @@ def profile_ptft(dataset: Path, work: Path, seconds: float, stage: int, native: 
             f"data.mlm_probability={tt.MLM_P}",
         ],
     )
-    runner = threading.Thread(target=lambda: jobs.pretrain(cfg), daemon=True)
+
+
+def _start_ptft(cfg, warm_steps: int) -> threading.Thread:
+    """jobs.pretrain in a thread of this process (so its Ray session is this process's), once
+    both ranks have done ``warm_steps`` steps."""
+
+    def run() -> None:
+        try:
+            jobs.pretrain(cfg)
+        except jobs.Preempted:  # the STOP file: checkpointed and stopped, as asked
+            pass
+
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
-    while min(_beat(run_dir, r).get("step", 0) for r in (0, 1)) < WARM_STEPS:
+    while min(_beat(Path(cfg.run_dir), r).get("step", 0) for r in (0, 1)) < warm_steps:
         if not runner.is_alive():
             raise RuntimeError("the ptft run ended before it was warm")
         time.sleep(0.2)
+    return runner
+
+
+def profile_ptft(dataset: Path, work: Path, seconds: float, stage: int, native: bool) -> dict:
+    run_dir = work / f"ptft_z{stage}"
+    runner = _start_ptft(_ptft_config(dataset, run_dir, stage), WARM_STEPS)
     pids = [_beat(run_dir, r)["pid"] for r in (0, 1)]
     s0 = _beat(run_dir, 0)["step"]
     files = record(pids, seconds, work, "ptft", native)
@@ -168,6 +259,36 @@ def profile_ptft(dataset: Path, work: Path, seconds: float, stage: int, native: 
         "ms_per_step": per_step_ms(files, steps, seconds, "train_step"),
         "other_processes_cpu_ms_per_step": others_ms_per_step(steps),
     }
+
+
+def ray_cpu(dataset: Path, work: Path, seconds: float, stage: int) -> dict:
+    """The ptft run with Ray's defaults and with ptft's lean embedded cluster, one after the
+    other: CPU ms per wall second of each kind of Ray process, steps and wall seconds."""
+    out = {}
+    for name, dashboard in (("ray_defaults", "1"), ("lean", "0")):
+        os.environ["PTFT_RAY_DASHBOARD"] = dashboard
+        run_dir = work / f"ray_cpu_{name}"
+        runner = _start_ptft(_ptft_config(dataset, run_dir, stage), 3)  # Ray's helpers are up by then
+        s0 = _beat(run_dir, 0)["step"]
+        cpu = ray_cpu_window(seconds)
+        steps = _beat(run_dir, 0)["step"] - s0
+        (run_dir / STOP_FILE).touch()
+        runner.join(timeout=300)
+        out[name] = {"steps": steps, "seconds": seconds, "cpu_ms_per_s": cpu}
+    os.environ.pop("PTFT_RAY_DASHBOARD")
+    return out
+
+
+def print_ray_cpu(out: dict) -> None:
+    names = list(out)
+    labels = sorted({k for r in out.values() for k in r["cpu_ms_per_s"]} - {"Ray total", "driver"})
+    labels.sort(key=lambda k: -out[names[0]]["cpu_ms_per_s"].get(k, 0.0))
+    print(f"\nCPU ms per wall second, Ray's own processes ({out[names[0]]['seconds']:g} s of steady training)")
+    print(f"{'process':<30}" + "".join(f"{n:>14}" for n in names))
+    for label in [*labels, "Ray total", "driver"]:
+        cells = [out[n]["cpu_ms_per_s"].get(label) for n in names]
+        print(f"{label:<30}" + "".join(f"{'-' if c is None else f'{c:.1f}':>14}" for c in cells))
+    print(f"{'steps in the window':<30}" + "".join(f"{out[n]['steps']:>14}" for n in names))
 
 
 # --------------------------------------------------------------------------- DDP
@@ -234,10 +355,17 @@ def main() -> int:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--native", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--ray-cpu", action="store_true", help="CPU of Ray's own processes, defaults vs lean")
+    parser.add_argument("--dataset", type=Path, default=None, help="a dataset built before (default: build one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ptft-profile-"))
     work.mkdir(parents=True, exist_ok=True)
-    dataset = tt.build_dataset(work)
+    dataset = args.dataset or tt.build_dataset(work)
+    if args.ray_cpu:
+        out = ray_cpu(dataset, work, args.seconds, args.stage)
+        print_ray_cpu(out)
+        print(json.dumps(out))
+        return 0
     out = {
         "ddp": profile_ddp(dataset, work, args.seconds, args.native),
         f"ptft_zero{args.stage}": profile_ptft(dataset, work, args.seconds, args.stage, args.native),

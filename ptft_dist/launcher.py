@@ -4,6 +4,10 @@
 process. ``fit()`` runs a recipe on ``num_workers`` TorchTrainer workers: each builds its
 World from the Ray Train context, resumes from the checkpoint Ray hands it (after a worker
 failure), and reports every checkpoint with ``ray.train.report``.
+
+The embedded cluster (no address) is lean: it leaves out what a one-machine session does not
+need and what would take CPU from its workers (``lean()``); ``PTFT_RAY_DASHBOARD=1`` starts
+it with Ray's defaults instead, the dashboard included.
 """
 
 from __future__ import annotations
@@ -47,27 +51,58 @@ def _job_env_keys() -> set[str]:
     return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
-def _env_vars(use_gpu: bool) -> dict[str, str]:
+def _env_vars(use_gpu: bool, embedded: bool = False) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if embedded:
+        # Read by Ray Train's controller: no actor polling for node drains, which only a
+        # cluster manager (KubeRay, an autoscaler, `ray drain-node`) announces.
+        env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
     taken = _job_env_keys()
     return {k: v for k, v in env.items() if k not in taken}
 
 
+#: Whether the Ray session open now is the embedded local cluster, started lean (``session``).
+_lean_session = False
+
+
+def lean() -> bool:
+    """Whether an embedded local cluster leaves out Ray's background work that a one-machine
+    session does not use (default), or starts with Ray's defaults (``PTFT_RAY_DASHBOARD=1``).
+
+    Left out, each costing CPU time that the training processes lose (measured in
+    docs/performance.md, "Where a step's time goes"): the dashboard and its state API, metrics
+    collection and task events (what the dashboard shows; nothing else reads them here),
+    Ray Train's preemption watcher, placement-group cleaner and dataset manager actors, the
+    autoscaling coordinator of a fixed-size run (there is no autoscaler to ask; an elastic run
+    keeps it), and the log monitor's file scan ten times a second. A joined cluster
+    (``--address``) is left as it is.
+    """
+    return os.environ.get("PTFT_RAY_DASHBOARD", "") in ("", "0", "false")
+
+
+#: ray.init(_system_config=...) of the lean embedded cluster: no metrics export from every Ray
+#: process to the dashboard agent, no task-event reports to the GCS every second.
+LEAN_SYSTEM_CONFIG = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
+
+
 @contextlib.contextmanager
 def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu: bool = False):
     """A Ray session: joins ``address`` (or ``RAY_ADDRESS``), else starts a local cluster
-    in-process with its dashboard bound to 127.0.0.1. Shuts down what it started."""
+    in-process, lean (``lean()``) or, with ``PTFT_RAY_DASHBOARD=1``, with its dashboard; either
+    listens on 127.0.0.1 only. Shuts down what it started."""
     import ray
 
+    global _lean_session
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": _env_vars(use_gpu)}
+    embedded_lean = not address and lean()
+    runtime_env = {"env_vars": _env_vars(use_gpu, embedded=embedded_lean)}
     # The driver prints compact progress lines (progress.Monitor); the workers' and Ray's own
     # lines stay in the session's log files unless PTFT_RAY_LOGS=1 (`ptft --ray-logs`).
     kwargs: dict[str, Any] = dict(
@@ -88,9 +123,23 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
                 )
             )
             raise ConnectionError(f"{e}{hint}") from None
+    elif embedded_lean:
+        # Everything local listens on loopback only. No dashboard: it hosts the state API,
+        # which only Ray Train's placement-group cleaner polls (fit() leaves the cleaner out).
+        # The log monitor (it forwards log lines to a driver that asks for them) globs the
+        # log directory every 0.1 s while there are few files; this makes it every 0.5 s.
+        with _environ(RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=None if ray_logs() else "0"):
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                dashboard_host="127.0.0.1",  # Ray's small API server still starts
+                _node_ip_address="127.0.0.1",
+                _system_config=LEAN_SYSTEM_CONFIG,
+                **kwargs,
+            )
+        _lean_session = True
     else:
-        # Everything local listens on loopback only. The dashboard also hosts the state API
-        # that Ray Train's controller polls (without it, it logs a warning every few seconds).
+        # Ray's defaults (PTFT_RAY_DASHBOARD=1): the dashboard on 127.0.0.1:8265.
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=True,
@@ -101,7 +150,21 @@ def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
     try:
         yield
     finally:
+        _lean_session = False
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Environment variables set (those not None and not set already) for the processes that
+    start inside the block, and unset again after it."""
+    added = {k: v for k, v in values.items() if v is not None and k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def ray_logs() -> bool:
@@ -218,7 +281,8 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
         )
     # Ray Train's controller reads it from the driver's environment when the trainer is made
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.scaling.start_timeout_s:g}"
-    trainer = TorchTrainer(
+    trainer_cls = _lean_trainer() if _lean_session else TorchTrainer
+    trainer = trainer_cls(
         _worker_loop,
         train_loop_config={
             "recipe": f"ptft_dist.recipes.{recipe}",
@@ -259,6 +323,51 @@ def fit(recipe: str, cfg: Any, *, name: str) -> Any:
             return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"{recipe} failed on the workers: {_root_cause(str(e))}") from e
+
+
+def _lean_trainer():
+    """TorchTrainer without the helper actors that the lean embedded cluster does not use.
+
+    Ray Train (2.60, pinned) starts them with every run and offers no switch, so this reaches
+    into its internals: the callbacks of ``_create_default_callbacks`` and the scaling policy
+    handed to the controller. Each left-out actor is an idle Ray process (4 to 9 CPU-ms per
+    second) or worse:
+
+    - ``PlacementGroupCleaner`` polls the state API every second for whether the controller
+      is alive, to remove the run's placement group if the controller dies and the driver
+      lives on; without the dashboard the poll fails and logs a warning every time. In the
+      embedded cluster the placement group goes with the session.
+    - ``DatasetManager`` hands out Ray Data shards; ptft streams WebDataset shards itself.
+    - ``AutoscalingCoordinator`` forwards resource requests to an autoscaler, which the
+      embedded cluster does not have. Only a fixed-size run drops it (Ray picks the fixed
+      policy when ``scaling.min_workers`` is not set): the elastic policy reads the resources
+      it may grow into from it.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class FixedSize(FixedScalingPolicy):
+        """The fixed-size policy minus its resource requests to the AutoscalingCoordinator."""
+
+        def after_controller_start(self, train_run_context) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    class LeanTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            dropped = (PlacementGroupCleanerCallback, *(() if self.datasets else (DatasetsCallback,)))
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, dropped)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = FixedSize(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return LeanTrainer
 
 
 def _log_dir() -> str:

@@ -73,6 +73,17 @@ def test_pretrain_zero2_trains_exports_and_checkpoints(stage2_export):
     )
 
 
+def test_the_embedded_cluster_starts_none_of_the_helpers_it_does_not_use(stage2_export, ray_session):
+    """The lean local session (launcher.lean): of Ray Train's actors only the controller, the
+    report barrier and the workers run (docs/cluster-local.md)."""
+    import ray
+
+    classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= classes, classes
+    left_out = {"PreemptionWatcher", "PlacementGroupCleaner", "DatasetManager", "_AutoscalingCoordinatorActor"}
+    assert not classes & left_out, classes
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_pretrain_other_zero_stages(tmp_path, tiny_dataset, ray_session, stage):
     cfg, summary = _pretrain(tmp_path, tiny_dataset, stage)
