@@ -92,8 +92,8 @@ LEAN_SYSTEM_CONFIG = {"enable_metrics_collection": False, "task_events_report_in
 @contextlib.contextmanager
 def session(address: str | None = None, *, num_cpus: int | None = None, use_gpu: bool = False):
     """A Ray session: joins ``address`` (or ``RAY_ADDRESS``), else starts a local cluster
-    in-process, lean (``lean()``) or, with ``PTFT_RAY_DASHBOARD=1``, with its dashboard; either
-    listens on 127.0.0.1 only. Shuts down what it started."""
+    in-process, lean (``lean()``) or, with ``PTFT_RAY_DASHBOARD=1``, with its dashboard bound to
+    127.0.0.1. Shuts down what it started."""
     import ray
 
     global _lean_session
