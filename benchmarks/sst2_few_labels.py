@@ -42,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from sst2_quality import METHODS, random_base  # noqa: E402  (the same two methods, the same random init)
+
 from ptft_dist import config as C  # noqa: E402
 from ptft_dist import jobs, launcher  # noqa: E402
 
-METHODS = {"lora": ["peft.method=lora"], "full": ["peft.method=full", "optim.lr=3e-4"]}
 ROWS = {
     "random": "random init",
     "wiki": "WikiText-2",
@@ -105,18 +106,6 @@ def pretrain(name: str, dataset: Path, out: Path, steps: int, overrides: list[st
         "tokens_seen": m["tokens_seen"],
         "eval_mlm_accuracy": m["eval_mlm_accuracy"],
     }
-
-
-def random_base(export: Path, out: Path, seed: int = 0) -> Path:
-    """The same architecture and tokenizer as ``export``, with freshly initialised weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-
-    if not (out / "model.safetensors").is_file():
-        torch.manual_seed(seed)
-        AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(export)).save_pretrained(out)
-        AutoTokenizer.from_pretrained(export).save_pretrained(out)
-    return out
 
 
 def finetune_config(run_dir: Path, sst2: Path, overrides: list[str]):
