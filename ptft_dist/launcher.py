@@ -352,10 +352,10 @@ def _lean_trainer():
         """The fixed-size policy minus its resource requests to the AutoscalingCoordinator."""
 
         def after_controller_start(self, train_run_context) -> None:
-            pass
+            """Nothing to announce: the parent registers with the AutoscalingCoordinator here."""
 
         def _maybe_send_resource_request(self) -> None:
-            pass
+            """No request: there is no autoscaler to send it to."""
 
     class LeanTrainer(TorchTrainer):
         def _create_default_callbacks(self):
