@@ -29,10 +29,6 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # One thread per reserved CPU: two ranks on two cores must not oversubscribe.
         torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
-        # DeepSpeed's CPU accelerator counts its "devices" from LOCAL_SIZE (its own launcher's
-        # name for the ranks on this node) and otherwise runs `numactl` in a subprocess, on
-        # every ZeRO-3 gradient bucket: give it the number torchrun and Ray Train set.
-        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     import deepspeed
 
     backend = "nccl" if on_gpu(scaling) else "gloo"
@@ -50,7 +46,31 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         ds_comm.cdb = None
         ds_groups._WORLD_GROUP = None
         ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    with _no_cpu_shm_workspace():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if not on_gpu(scaling):
+        # DeepSpeed's CPU accelerator counts its "devices" from LOCAL_SIZE (its own launcher's
+        # name for the ranks on this node) and otherwise runs `numactl` in a subprocess, on
+        # every ZeRO-3 gradient bucket: give it the number torchrun and Ray Train set.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def _no_cpu_shm_workspace():
+    """Hide LOCAL_SIZE while DeepSpeed sets up its communication.
+
+    When LOCAL_SIZE equals the world size, DeepSpeed's CPU communication op creates a 64 MiB
+    shared-memory segment per rank in /dev/shm (``deepspeed_allreduce_buffer_*``, for its
+    inference all-reduce, which training never calls) and never unlinks it: every run would
+    leave its ranks' segments behind, in memory, until the machine restarts. Without
+    LOCAL_SIZE it creates none; the op decides once per process, here.
+    """
+    hidden = os.environ.pop("LOCAL_SIZE", None)
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            os.environ["LOCAL_SIZE"] = hidden
 
 
 #: Dense bf16 peak TFLOP/s by GPU name fragment, for MFU.
