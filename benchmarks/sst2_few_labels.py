@@ -2,7 +2,8 @@
 
     python benchmarks/sst2_few_labels.py [--labels 500 1000 4000] [--seeds 0 1 2]
                                          [--wiki-steps 1100] [--task-steps 1100] [--continued-steps 275]
-                                         [--finetune-steps 200] [--out DIR] [--sst2 ../shared/data/sst2]
+                                         [--finetune-steps 200] [--finetune-override KEY=VALUE ...]
+                                         [--methods lora full] [--out DIR] [--sst2 ../shared/data/sst2]
 
 1. Two corpora, one tokenizer. WikiText-2 raw train split (preset ``data_wikitext2``, its
    WordPiece 8192 trained on it), and the in-domain text: every SST-2 training sentence, labels
@@ -22,7 +23,8 @@
    ``ptft finetune``, without the cluster's start-up per job.
 
 Prints the table (mean +- sd over seeds), writes ``few_labels.png`` (test accuracy vs labels, one
-line per row and method) and ``results.json`` into --out, and prints one JSON line last.
+line per row and method) and ``results.json`` into --out (with ``--finetune-override``, their
+names and the finetunes' run directories carry the overrides), and prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def _finetune_one(run_dir: str, sst2: str, overrides: list[str]) -> dict:
     return {"test": m["test_accuracy"], "dev": m["best_val_accuracy"], "train_time_s": m["train_time_s"]}
 
 
-def plot(table: dict, labels: list[int], path: Path) -> None:
+def plot(table: dict, labels: list[int], methods: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +157,8 @@ def plot(table: dict, labels: list[int], path: Path) -> None:
     if len(labels) == 1:  # one label count: a bar per row and method
         (n,) = labels
         for method, shift in (("lora", -0.2), ("full", 0.2)):
+            if method not in methods:
+                continue
             accs = [table[(row, method, n)] for row in ROWS]
             means = [100 * statistics.mean(a) for a in accs]
             sds = [100 * statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
@@ -170,6 +174,8 @@ def plot(table: dict, labels: list[int], path: Path) -> None:
         return
     for row, title in ROWS.items():
         for method, style in (("lora", "-"), ("full", "--")):
+            if method not in methods:
+                continue
             accs = [table[(row, method, n)] for n in labels]
             means = [100 * statistics.mean(a) for a in accs]
             sds = [100 * statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
@@ -194,6 +200,14 @@ def main() -> None:
     p.add_argument("--continued-steps", type=int, default=275, help="in-domain steps after the WikiText-2 run")
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--finetune-eval-every", type=int, default=50)
+    p.add_argument(
+        "--finetune-override",
+        action="append",
+        default=[],
+        help="a finetune config override for every row (e.g. pooling=mean), before each method's own; repeatable. "
+        "The finetunes' run directories carry it, so each recipe is cached apart",
+    )
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--parallel", type=int, default=2, help="finetunes at a time (one core each)")
     p.add_argument("--out", default=str(ROOT / "runs" / "sst2_few_labels"))
     p.add_argument("--sst2", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -220,39 +234,47 @@ def main() -> None:
 
     # 3. The finetunes: rows x methods x label counts x seeds, the same budget in each.
     runs = {}
+    # a recipe's own run directories and files: its overrides, and its steps when not the default
+    tag = "".join(f"-{o.replace('=', '_')}" for o in a.finetune_override)
+    if a.finetune_steps != p.get_default("finetune_steps"):
+        tag += f"-steps{a.finetune_steps}"
     with ProcessPoolExecutor(a.parallel, mp_context=get_context("spawn")) as pool:
         for row, base in bases.items():
-            for method, extra in METHODS.items():
+            for method in a.methods:
                 for n in a.labels:
                     for seed in a.seeds:
-                        run_dir = out / "finetune" / f"{row}-{method}-{n}-s{seed}"
+                        run_dir = out / "finetune" / f"{row}-{method}-{n}-s{seed}{tag}"
                         overrides = [
                             f"base_model={base}",
                             f"optim.max_steps={a.finetune_steps}",
                             f"eval_every_steps={a.finetune_eval_every}",
                             f"task.train_examples={n}",
                             f"optim.seed={seed}",
-                            *extra,
+                            *a.finetune_override,
+                            *METHODS[method],
                         ]
                         runs[(row, method, n, seed)] = pool.submit(_finetune_one, str(run_dir), str(sst2), overrides)
         results = {k: f.result() for k, f in runs.items()}
     table = {
         (row, method, n): [results[(row, method, n, s)]["test"] for s in a.seeds]
         for row in bases
-        for method in METHODS
+        for method in a.methods
         for n in a.labels
     }
-    plot(table, a.labels, out / "few_labels.png")
+    plot(table, a.labels, a.methods, out / f"few_labels{tag}.png")
 
     # The table, then the goal's comparison at 1,000 labels.
     def cell(accs: list[float]) -> str:
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         return f"{100 * statistics.mean(accs):5.1f} +- {100 * sd:3.1f}"
 
-    print(f"\nSST-2 test accuracy (%), mean +- sd over seeds {a.seeds}; {a.finetune_steps} finetune steps x 32")
+    print(
+        f"\nSST-2 test accuracy (%), mean +- sd over seeds {a.seeds}; {a.finetune_steps} finetune steps x 32"
+        + "".join(f", {o}" for o in a.finetune_override)
+    )
     print(f"{'pretraining':<28} {'method':<6} " + " ".join(f"{f'{n:,} labels':>15}" for n in a.labels))
     for row, title in ROWS.items():
-        for method in METHODS:
+        for method in a.methods:
             print(f"{title:<28} {method:<6} " + " ".join(f"{cell(table[(row, method, n)]):>15}" for n in a.labels))
     for name, r in pre.items():
         print(
@@ -263,9 +285,10 @@ def main() -> None:
         "test_accuracy": {f"{row}/{method}/{n}": accs for (row, method, n), accs in table.items()},
         "pretraining": {k: {kk: v for kk, v in r.items() if kk != "export"} for k, r in pre.items()},
         "finetune_steps": a.finetune_steps,
+        "finetune_overrides": a.finetune_override,
         "seeds": a.seeds,
     }
-    if 1000 in a.labels:
+    if 1000 in a.labels and set(a.methods) == set(METHODS):
         mean = {k: statistics.mean(v) for k, v in table.items() if k[2] == 1000}
         best = max(("wiki", "task", "wiki+task"), key=lambda r: mean[(r, "lora", 1000)])
         figures["goal_1000"] = {
@@ -280,8 +303,8 @@ def main() -> None:
             f"{100 * g['lora_minus_random_lora']:+.1f} points (goal +10)"
         )
     figures["wall_minutes"] = (time.time() - started) / 60
-    (out / "results.json").write_text(json.dumps(figures, indent=1))
-    print(f"Plot: {out / 'few_labels.png'}")
+    (out / f"results{tag}.json").write_text(json.dumps(figures, indent=1))
+    print(f"Plot: {out / f'few_labels{tag}.png'}")
     print(json.dumps(figures))
 
 
