@@ -499,7 +499,9 @@ class PretrainConfig:
     scaling: ScalingConfig = f(factory=ScalingConfig, doc="Ray Train workers.")
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpoints.")
     tracking: TrackingConfig = f(factory=TrackingConfig, doc="Metrics and W&B.")
-    eval_every_steps: StrictInt = f(100, "Evaluate on the held-out samples every this many steps (and at the end).")
+    eval_every_steps: StrictInt = f(
+        100, "Evaluate on the held-out samples every this many steps, and at the end (0: only at the end)."
+    )
     time_budget_s: Number | None = f(
         None,
         "Stop after this many seconds of training (counted across resumes), with a checkpoint and the export. The lr "
@@ -535,6 +537,7 @@ class PretrainConfig:
         for name in ("data", "model", "optim", "zero", "scaling", "tracking"):
             getattr(self, name).check(_join(path, name))
         check_batch(self.optim, self.scaling, path)
+        check_eval_every(self.eval_every_steps, path)
 
 
 @section
@@ -685,6 +688,7 @@ class FinetuneConfig:
         for name in ("task", "peft", "optim", "zero", "scaling", "tracking"):
             getattr(self, name).check(_join(path, name))
         check_batch(self.optim, self.scaling, path)
+        check_eval_every(self.eval_every_steps, path)
         if self.optim.max_tokens is not None:
             raise ConfigError(
                 f"{_join(path, 'optim')}.max_tokens: finetuning examples are not packed to a fixed length; size "
@@ -794,6 +798,19 @@ def worker_counts(scaling: ScalingConfig) -> range:
 def at_world_size(scaling: ScalingConfig, world_size: int) -> ScalingConfig:
     """``scaling`` as a worker group of ``world_size`` workers has it (elastic restarts, manual resizes)."""
     return dataclasses.replace(scaling, num_workers=world_size)
+
+
+def check_eval_every(eval_every_steps: int, path: str) -> None:
+    if eval_every_steps < 0:
+        raise ConfigError(
+            f"{_join(path, 'eval_every_steps')} must be >= 0 (0: evaluate only at the end), got {eval_every_steps}"
+        )
+
+
+def eval_due(step: int, eval_every_steps: int) -> bool:
+    """Whether ``eval_every_steps`` asks for an evaluation after ``step`` (the run's last step
+    always has one; 0 asks for none before it)."""
+    return eval_every_steps > 0 and step % eval_every_steps == 0
 
 
 def check_batch(optim: OptimConfig, scaling: ScalingConfig, path: str) -> None:

@@ -185,3 +185,18 @@ def test_class_weights_balance_the_loss(general_export, tmp_path):
     assert len(losses["none"]) == 4
     np.testing.assert_allclose(losses["balanced"], losses["none"], rtol=1e-5)
     assert json.loads((tmp_path / "balanced" / "summary.json").read_text())["metrics"]["max_length"] == 32
+
+
+def test_eval_every_steps_0_evaluates_once_at_the_end(general_export, tiny_dataset, tmp_path):
+    """0 is "only at the end" in both recipes (with a validation file too), and a negative
+    value is refused by the config check."""
+    train, test = materialize_trec(tmp_path / "trec")
+    cfg = _finetune_cfg(
+        general_export, tmp_path / "ft", train, test, f"task.validation_file={test}", "eval_every_steps=0"
+    )
+    finetune.run(cfg, World())
+    assert [r["step"] for r in read_metrics(tmp_path / "ft") if "val_accuracy" in r] == [4]
+    _pretrain(tiny_dataset, tmp_path / "pre", "optim.max_steps=3", "eval_every_steps=0")
+    assert [r["step"] for r in read_metrics(tmp_path / "pre") if "eval_mlm_loss" in r] == [3]
+    with pytest.raises(C.ConfigError, match=r"eval_every_steps must be >= 0 \(0: evaluate only at the end\), got -1"):
+        _finetune_cfg(general_export, tmp_path / "bad", train, test, "eval_every_steps=-1").check()

@@ -40,7 +40,7 @@ import torch
 from .. import adapters, models, preflight
 from .. import engine as engine_lib
 from ..classify import Split, batch_of_step, class_weights, classification_metrics, load_splits
-from ..config import FinetuneConfig, batch_arithmetic, grad_accum_steps, max_steps_for, to_dict
+from ..config import FinetuneConfig, batch_arithmetic, eval_due, grad_accum_steps, max_steps_for, to_dict
 from ..data.build import DataError
 from ..progress import heartbeat
 from ..tracking import Tracker, write_summary
@@ -289,7 +289,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
                 now = time.perf_counter()
                 log_metrics(s, step, epoch, loss_sum, num_micro, (step - window_step) / (now - window_time))
                 loss_sum, num_micro, window_step, window_time = 0.0, 0, step, now
-            if s.validation is not None and (step % cfg.eval_every_steps == 0 or step == cfg.optim.max_steps):
+            if s.validation is not None and (eval_due(step, cfg.eval_every_steps) or step == cfg.optim.max_steps):
                 if validate(s, step, best):
                     break
         train_time_s = time.perf_counter() - start

@@ -45,6 +45,7 @@ from ..config import (
     at_world_size,
     batch_arithmetic,
     dump_yaml,
+    eval_due,
     grad_accum_steps,
     max_steps_for,
     to_dict,
@@ -557,7 +558,7 @@ def run(
 
             if state.step % cfg.tracking.log_every_steps == 0 or last:
                 window = log_metrics(s, state, window)
-            if state.step % cfg.eval_every_steps == 0 or last:
+            if eval_due(state.step, cfg.eval_every_steps) or last:
                 run_eval(s, state)
             if (
                 (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)
