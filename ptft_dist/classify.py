@@ -181,13 +181,23 @@ def bucketed_order(order: np.ndarray, lengths: np.ndarray, global_batch: int, wi
     return np.concatenate(out) if out else order
 
 
-def batch_of_step(step: int, *, lengths: np.ndarray, global_batch_size: int, seed: int) -> tuple[int, np.ndarray]:
-    """(epoch, example indices) of the global batch of 1-based ``step``.
+class GlobalBatches:
+    """The global batch of every step, the same on every rank and world size.
 
     Epoch e orders the examples by a permutation seeded by (seed, e), bucketed by length
-    (:func:`bucketed_order`), and cuts that order into global batches (the rest is dropped);
-    the same on every rank and world size."""
-    steps_per_epoch = len(lengths) // global_batch_size
-    epoch, g = divmod(step - 1, steps_per_epoch)
-    order = bucketed_order(np.random.default_rng([seed, epoch]).permutation(len(lengths)), lengths, global_batch_size)
-    return epoch, order[g * global_batch_size : (g + 1) * global_batch_size]
+    (:func:`bucketed_order`), and cuts that order into global batches (the rest is dropped).
+    An epoch's order is computed once, when its first step asks (it is O(examples): per step,
+    it cost a 67k-example task about 10 ms)."""
+
+    def __init__(self, lengths: np.ndarray, global_batch_size: int, seed: int):
+        self.lengths, self.global_batch_size, self.seed = lengths, global_batch_size, seed
+        self.steps_per_epoch = len(lengths) // global_batch_size
+        self._epoch, self._order = -1, lengths[:0]
+
+    def of_step(self, step: int) -> tuple[int, np.ndarray]:
+        """(epoch, example indices) of the global batch of 1-based ``step``."""
+        epoch, g = divmod(step - 1, self.steps_per_epoch)
+        if epoch != self._epoch:
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            self._epoch, self._order = epoch, bucketed_order(permutation, self.lengths, self.global_batch_size)
+        return epoch, self._order[g * self.global_batch_size : (g + 1) * self.global_batch_size]

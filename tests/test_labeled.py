@@ -1,8 +1,9 @@
 import json
 
+import numpy as np
 import pytest
 
-from ptft_dist.classify import classification_metrics
+from ptft_dist.classify import GlobalBatches, bucketed_order, classification_metrics
 from ptft_dist.config import TaskConfig
 from ptft_dist.data.build import DataError
 from ptft_dist.data.labeled import label_order, materialize_trec, read_examples, resolve_task
@@ -47,3 +48,23 @@ def test_classification_metrics():
     # f1: a: p=1/2 r=1/2 -> .5 ; b: p=2/3 r=1 -> .8 ; c: 0
     assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert s["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_global_batches_cover_each_epoch_once_in_buckets_of_similar_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=1000)
+    batches = GlobalBatches(lengths, global_batch_size=32, seed=7)
+    assert batches.steps_per_epoch == 31  # 1000 // 32: the rest of each epoch is dropped
+    for epoch in range(2):
+        steps = range(epoch * 31 + 1, (epoch + 1) * 31 + 1)
+        got = [batches.of_step(step) for step in steps]
+        assert {e for e, _ in got} == {epoch}
+        seen = np.concatenate([b for _, b in got])
+        assert len(seen) == len(set(seen.tolist())) == 992
+        # each epoch's order is its own seeded permutation, bucketed: made once, the same each time
+        order = bucketed_order(np.random.default_rng([7, epoch]).permutation(1000), lengths, 32)
+        np.testing.assert_array_equal(seen, order[:992])
+        spread = np.mean([np.ptp(lengths[b]) for _, b in got])
+        assert spread < 0.5 * np.ptp(lengths), "a global batch holds examples of similar length"
+    assert not np.array_equal(batches.of_step(1)[1], batches.of_step(32)[1])  # epochs differ
+    np.testing.assert_array_equal(GlobalBatches(lengths, 32, 7).of_step(40)[1], batches.of_step(40)[1])

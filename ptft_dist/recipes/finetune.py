@@ -39,7 +39,7 @@ import torch
 
 from .. import adapters, models, preflight
 from .. import engine as engine_lib
-from ..classify import Split, batch_of_step, class_weights, classification_metrics, load_splits
+from ..classify import GlobalBatches, Split, class_weights, classification_metrics, load_splits
 from ..config import FinetuneConfig, batch_arithmetic, eval_due, grad_accum_steps, max_steps_for, to_dict
 from ..data.build import DataError
 from ..progress import heartbeat
@@ -77,7 +77,7 @@ class Setup:
     num_trainable: int
     num_params: int
     accum: int
-    lengths: np.ndarray
+    batches: GlobalBatches
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     #: per-class weights of the loss (task.class_weights), or None for plain cross-entropy
     loss_weights: torch.Tensor | None = None
@@ -159,7 +159,9 @@ def setup(cfg: FinetuneConfig, world: World) -> Setup:
         num_trainable=num_trainable,
         num_params=num_params,
         accum=grad_accum_steps(cfg.optim, cfg.scaling),
-        lengths=np.array([len(t) + len(p) for t, p in zip(train.texts, pairs)]),
+        batches=GlobalBatches(
+            np.array([len(t) + len(p) for t, p in zip(train.texts, pairs)]), cfg.optim.global_batch_size, cfg.optim.seed
+        ),
         trainable=[p for p in engine.module.parameters() if p.requires_grad],
         loss_weights=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=engine.device),
     )
@@ -202,10 +204,8 @@ def train_step(s: Setup, step: int) -> tuple[int, float, int]:
     """One optimizer step (1-based ``step``): this rank's slices of the step's global batch.
 
     Returns (epoch, sum of the micro-batch losses, number of micro batches)."""
-    cfg, world, micro = s.cfg, s.world, s.cfg.optim.micro_batch_size_per_rank
-    epoch, batch = batch_of_step(
-        step, lengths=s.lengths, global_batch_size=cfg.optim.global_batch_size, seed=cfg.optim.seed
-    )
+    world, micro = s.world, s.cfg.optim.micro_batch_size_per_rank
+    epoch, batch = s.batches.of_step(step)
     loss_sum = 0.0
     for m in range(s.accum):
         lo = (m * world.world_size + world.rank) * micro
