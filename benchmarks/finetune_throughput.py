@@ -1,12 +1,24 @@
-"""LoRA vs full finetuning: examples/s and peak memory per rank, side by side in one run.
+"""Finetuning throughput, side by side in one run. Two comparisons:
 
     python benchmarks/finetune_throughput.py [--steps 60] [--base DIR]
+    python benchmarks/finetune_throughput.py --vs-ddp [--steps 60] [--repeats 3] [--base DIR] [--sst2 DIR]
 
-Same model (a ModernBERT encoder, hidden 256, 4 layers: a pretraining export given with
---base, else a freshly initialised one with the WikiText-2 tokenizer), same data (TREC-6,
-max 64 tokens), same global batch (32 = 16 per rank x 2 Ray workers, ZeRO-2), same number of
-steps. Examples/s are measured over the steady-state steps (the first log interval is
-excluded); peak memory is rank 0's peak RSS. Prints a table and, last, one JSON line.
+Default, LoRA vs full finetuning: examples/s and peak memory per rank. Same model (a
+ModernBERT encoder, hidden 256, 4 layers: a pretraining export given with --base, else a
+freshly initialised one with the WikiText-2 tokenizer), same data (TREC-6, max 64 tokens),
+same global batch (32 = 16 per rank x 2 Ray workers, ZeRO-2), same number of steps.
+Examples/s are measured over the steady-state steps (the first log interval is excluded);
+peak memory is rank 0's peak RSS.
+
+``--vs-ddp``, the LoRA path against a plain loop: ``ptft finetune`` with preset
+``finetune_sst2`` (Ray Train, 2 workers, ZeRO-2, LoRA r=16 on every encoder linear, mean
+pooling, max 64 tokens, global batch 32) against the same peft model in torch DDP, 2
+processes x 1 thread, AdamW with clipping: the same SST-2 examples in the same global
+batches (ptft's length-bucketed order), each micro batch tokenized and padded to its longest
+the same way. Every setup runs ``--repeats`` times, interleaved; the best round counts.
+Examples/s over steps 11 to the end.
+
+Both print a table and, last, one JSON line of the figures.
 """
 
 from __future__ import annotations
@@ -14,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,13 +83,131 @@ def run(method: str, base: Path, work: Path, steps: int) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- --vs-ddp
+
+WARMUP_STEPS = 10  # not timed: the first log window of the ptft run
+
+
+def sst2_overrides(base: Path, run_dir: Path, sst2: Path, steps: int) -> list[str]:
+    return [
+        f"base_model={base}",
+        f"run_dir={run_dir}",
+        *(f"task.{k}_file={sst2 / v}.tsv" for k, v in {"train": "train", "validation": "dev", "test": "test"}.items()),
+        f"optim.max_steps={steps}",
+        f"tracking.log_every_steps={WARMUP_STEPS}",
+        "eval_every_steps=0",  # validation once, after the timed steps
+    ]
+
+
+def run_ptft_lora(base: Path, work: Path, sst2: Path, steps: int, name: str, extra: list[str] = ()) -> float:
+    cfg = C.load("finetune", "finetune_sst2", [*sst2_overrides(base, work / name, sst2, steps), *extra])
+    jobs.finetune(cfg)
+    rows = [json.loads(line) for line in open(work / name / "metrics.jsonl") if '"examples_per_s"' in line]
+    steady = rows[1:]  # windows of WARMUP_STEPS steps each: the overall rate is the harmonic mean
+    return len(steady) / sum(1 / r["examples_per_s"] for r in steady)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _peft_ddp_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    """The plain loop: the peft model of the ptft run in torch DDP, one thread per process."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from ptft_dist import adapters
+    from ptft_dist.classify import GlobalBatches, load_splits
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = jobs._resolve_finetune(C.load("finetune", "finetune_sst2", overrides))
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    names, train, _, _ = load_splits(cfg)
+    torch.manual_seed(cfg.optim.seed)
+    model, _ = adapters.build_classifier(cfg, names, {"zero_optimization": {"stage": 0}})
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    micro, steps = cfg.optim.micro_batch_size_per_rank, cfg.optim.max_steps
+    # ptft's batches, made before the loop as a sampler would
+    batches = GlobalBatches(np.array([len(t) for t in train.texts]), cfg.optim.global_batch_size, cfg.optim.seed)
+    mine = [batches.of_step(step)[1][rank * micro : (rank + 1) * micro].tolist() for step in range(1, steps + 1)]
+    for step, ids in enumerate(mine, start=1):
+        if step == WARMUP_STEPS + 1:
+            started = time.perf_counter()
+        enc = tok(
+            [train.texts[i] for i in ids],
+            truncation=True,
+            max_length=cfg.task.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = torch.tensor([train.labels[i] for i in ids])
+        loss = ddp(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # what a loop that logs its loss does
+    elapsed = time.perf_counter() - started
+    if rank == 0:
+        Path(out).write_text(json.dumps(cfg.optim.global_batch_size * (steps - WARMUP_STEPS) / elapsed))
+    dist.destroy_process_group()
+
+
+def run_peft_ddp(base: Path, work: Path, sst2: Path, steps: int, name: str) -> float:
+    import torch
+
+    out = work / f"{name}.json"
+    overrides = sst2_overrides(base, work / name, sst2, steps)
+    torch.multiprocessing.spawn(_peft_ddp_worker, args=(2, _free_port(), overrides, str(out)), nprocs=2)
+    return json.loads(out.read_text())
+
+
+def vs_ddp(base: Path, work: Path, sst2: Path, steps: int, repeats: int, variants: list[str]) -> None:
+    titles = {"ptft": "ptft finetune (Ray, 2 workers, ZeRO-2)", "ddp": "peft + torch DDP, 2 processes x 1 thread"}
+    titles.update({f"variant{i}": f"ptft {v}" for i, v in enumerate(variants)})
+    rounds: dict[str, list[float]] = {k: [] for k in titles}
+    with launcher.session(num_cpus=2):
+        run_ptft_lora(base, work, sst2, WARMUP_STEPS + 10, "warmup")  # a fresh Ray session's first job is slow
+        for r in range(repeats):
+            rounds["ptft"].append(run_ptft_lora(base, work, sst2, steps, f"ptft_r{r}"))
+            for i, v in enumerate(variants):
+                rounds[f"variant{i}"].append(run_ptft_lora(base, work, sst2, steps, f"variant{i}_r{r}", v.split()))
+            rounds["ddp"].append(run_peft_ddp(base, work, sst2, steps, f"ddp_r{r}"))
+    best = {k: max(v) for k, v in rounds.items()}
+    print(f"\n{'setup (LoRA, SST-2, global batch 32)':<48} {'examples/s':>10} {'vs DDP':>7}  rounds")
+    for key, title in titles.items():
+        print(f"{title:<48} {best[key]:>10.1f} {best[key] / best['ddp']:>7.2f}  {[round(x, 1) for x in rounds[key]]}")
+    figures = {
+        "ptft_lora_examples_per_s": best["ptft"],
+        "peft_ddp_examples_per_s": best["ddp"],
+        **{f"ptft_{k}_examples_per_s": best[k] for k in titles if k.startswith("variant")},
+        "rounds": rounds,
+        "ratio_ptft_vs_peft_ddp": best["ptft"] / best["ddp"],
+    }
+    print(json.dumps(figures))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--base", help="HF directory to finetune (default: a random-init ModernBERT)")
+    p.add_argument("--vs-ddp", action="store_true", help="ptft's LoRA path against peft + torch DDP, on SST-2")
+    p.add_argument("--repeats", type=int, default=3, help="--vs-ddp: rounds of each setup, interleaved")
+    p.add_argument("--variant", action="append", default=[], help="--vs-ddp: one more ptft row with these overrides")
+    p.add_argument("--sst2", default=str(ROOT.parent / "shared" / "data" / "sst2"), help="--vs-ddp: SST-2 TSVs")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-ft-bench-"))
     base = Path(a.base) if a.base else random_base(work)
+    if a.vs_ddp:
+        vs_ddp(base, work, Path(a.sst2).resolve(), a.steps, a.repeats, a.variant)
+        return
     with launcher.session(num_cpus=2):
         results = {m: run(m, base, work, a.steps) for m in ("lora", "full")}
     print(f"\n{'method':<6} {'trainable':>12} {'examples/s':>11} {'peak MB (rank 0)':>17} {'test acc':>9}")

@@ -135,7 +135,7 @@ def _timed_step(model, opt, inputs: torch.Tensor, labels: torch.Tensor, started:
     return time.perf_counter() - started
 
 
-def run_plain(dataset: Path, steps: int, warmup: int) -> float:
+def run_plain(dataset: Path, work: Path, steps: int, warmup: int) -> float:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, manifest = make_model(dataset, MODEL)
@@ -223,6 +223,14 @@ def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
         callbacks=[Clock()],
     ).train()
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
+
+
+BASELINES = {"plain": run_plain, "ddp": run_ddp, "hf_trainer": run_hf_trainer}
+BASELINE_TITLES = {
+    "plain": "plain PyTorch, 1 process, 2 threads",
+    "ddp": "torch DDP, 2 processes x 1 thread",
+    "hf_trainer": "HF Trainer + DataCollatorForLanguageModeling",
+}
 
 
 # --------------------------------------------------------------------------- (c) memory
@@ -326,6 +334,13 @@ def main() -> None:
         default=[2],
         help="ZeRO stages of the ptft rows; the first is the one the ratios use",
     )
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=list(BASELINES),
+        default=list(BASELINES),
+        help="the loops ptft is compared with (tests/test_throughput_floor.py runs DDP alone)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="rounds of every setup, interleaved; the best round counts")
     p.add_argument(
         "--variant",
@@ -351,32 +366,34 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
     whatever its config, while Ray's own processes were still starting up."""
     from ptft_dist import launcher
 
-    best = lambda key, value: figures.__setitem__(key, max(figures.get(key, 0.0), value))  # noqa: E731
+    rounds: dict[str, list[float]] = {}
+
+    def best(key: str, value: float) -> None:
+        rounds.setdefault(key, []).append(round(value))
+        figures[key] = max(figures.get(key, 0.0), value)
+
     rows = [(f"ptft_zero{stage}_tokens_per_s", dict(stage=stage)) for stage in a.stages]
     rows += [
         (f"ptft_variant{i}_tokens_per_s", dict(name=f"variant{i}", extra=variant.split()))
         for i, variant in enumerate(a.variant)
     ]
     for _ in range(a.repeats):
-        best("plain_tokens_per_s", run_plain(dataset, a.steps, a.warmup))
-        best("ddp_tokens_per_s", run_ddp(dataset, work, a.steps, a.warmup))
-        best("hf_trainer_tokens_per_s", run_hf_trainer(dataset, work, a.steps, a.warmup))
+        for name in a.baselines:
+            best(f"{name}_tokens_per_s", BASELINES[name](dataset, work, a.steps, a.warmup))
     with launcher.session(num_cpus=2):
         run_ptft(dataset, work, 10, 0, name="warmup")
         for r in range(a.repeats):
             for key, kw in rows:
                 best(key, run_ptft(dataset, work, a.steps, a.warmup, **{**kw, "name": f"{kw.get('name', key)}_r{r}"}))
+    figures["rounds"] = rounds
     figures["ptft_tokens_per_s"] = figures[f"ptft_zero{a.stages[0]}_tokens_per_s"]
-    figures["ratio_ptft_vs_plain"] = figures["ptft_tokens_per_s"] / figures["plain_tokens_per_s"]
-    figures["ratio_ptft_vs_ddp"] = figures["ptft_tokens_per_s"] / figures["ddp_tokens_per_s"]
-    figures["ratio_ptft_vs_hf_trainer"] = figures["ptft_tokens_per_s"] / figures["hf_trainer_tokens_per_s"]
+    for name in a.baselines:
+        figures[f"ratio_ptft_vs_{name}"] = figures["ptft_tokens_per_s"] / figures[f"{name}_tokens_per_s"]
     print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
     for name, key in (
         *((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages),
         *((f"ptft {v}", f"ptft_variant{i}_tokens_per_s") for i, v in enumerate(a.variant)),
-        ("plain PyTorch, 1 process, 2 threads", "plain_tokens_per_s"),
-        ("torch DDP, 2 processes x 1 thread", "ddp_tokens_per_s"),
-        ("HF Trainer + DataCollatorForLanguageModeling", "hf_trainer_tokens_per_s"),
+        *((BASELINE_TITLES[b], f"{b}_tokens_per_s") for b in a.baselines),
     ):
         print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
 
