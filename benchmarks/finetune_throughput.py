@@ -15,7 +15,9 @@ peak memory is rank 0's peak RSS.
 pooling, max 64 tokens, global batch 32) against the same peft model in torch DDP, 2
 processes x 1 thread, AdamW with clipping: the same SST-2 examples in the same global
 batches (ptft's length-bucketed order), each micro batch tokenized and padded to its longest
-the same way. Every setup runs ``--repeats`` times, interleaved; the best round counts.
+the same way. The row "without Ray" runs the same finetune recipe in 2 spawned processes
+(a plain gloo process group, as torchrun starts it): Ray's share apart from DeepSpeed's and
+the recipe's. Every setup runs ``--repeats`` times, interleaved; the best round counts.
 Examples/s over steps 11 to the end.
 
 Both print a table and, last, one JSON line of the figures.
@@ -34,8 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+import train_throughput as tt  # noqa: E402
 
 from ptft_dist import config as C  # noqa: E402
 from ptft_dist import jobs, launcher, models  # noqa: E402
@@ -99,12 +104,23 @@ def sst2_overrides(base: Path, run_dir: Path, sst2: Path, steps: int) -> list[st
     ]
 
 
+def steady_examples_per_s(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"examples_per_s"' in line]
+    steady = rows[1:]  # windows of WARMUP_STEPS steps each: the overall rate is the harmonic mean
+    return len(steady) / sum(1 / r["examples_per_s"] for r in steady)
+
+
 def run_ptft_lora(base: Path, work: Path, sst2: Path, steps: int, name: str, extra: list[str] = ()) -> float:
     cfg = C.load("finetune", "finetune_sst2", [*sst2_overrides(base, work / name, sst2, steps), *extra])
     jobs.finetune(cfg)
-    rows = [json.loads(line) for line in open(work / name / "metrics.jsonl") if '"examples_per_s"' in line]
-    steady = rows[1:]  # windows of WARMUP_STEPS steps each: the overall rate is the harmonic mean
-    return len(steady) / sum(1 / r["examples_per_s"] for r in steady)
+    return steady_examples_per_s(work / name)
+
+
+def run_ptft_lora_without_ray(base: Path, work: Path, sst2: Path, steps: int, name: str) -> float:
+    """The same finetune recipe in 2 spawned processes (a plain gloo process group): no Ray."""
+    cfg = jobs._resolve_finetune(C.load("finetune", "finetune_sst2", sst2_overrides(base, work / name, sst2, steps)))
+    tt.run_recipe_spawned("finetune", cfg)
+    return steady_examples_per_s(work / name)
 
 
 def _free_port() -> int:
@@ -170,16 +186,24 @@ def run_peft_ddp(base: Path, work: Path, sst2: Path, steps: int, name: str) -> f
 
 
 def vs_ddp(base: Path, work: Path, sst2: Path, steps: int, repeats: int, variants: list[str]) -> None:
-    titles = {"ptft": "ptft finetune (Ray, 2 workers, ZeRO-2)", "ddp": "peft + torch DDP, 2 processes x 1 thread"}
+    """Each round: DDP and the recipe without Ray while no Ray session is up, then the ptft
+    rows in a fresh Ray session after an untimed warm-up job (a fresh session's first job is
+    slow)."""
+    titles = {
+        "ptft": "ptft finetune (Ray, 2 workers, ZeRO-2)",
+        "noray": "ptft finetune recipe without Ray (2 processes)",
+        "ddp": "peft + torch DDP, 2 processes x 1 thread",
+    }
     titles.update({f"variant{i}": f"ptft {v}" for i, v in enumerate(variants)})
     rounds: dict[str, list[float]] = {k: [] for k in titles}
-    with launcher.session(num_cpus=2):
-        run_ptft_lora(base, work, sst2, WARMUP_STEPS + 10, "warmup")  # a fresh Ray session's first job is slow
-        for r in range(repeats):
+    for r in range(repeats):
+        rounds["ddp"].append(run_peft_ddp(base, work, sst2, steps, f"ddp_r{r}"))
+        rounds["noray"].append(run_ptft_lora_without_ray(base, work, sst2, steps, f"noray_r{r}"))
+        with launcher.session(num_cpus=2):
+            run_ptft_lora(base, work, sst2, WARMUP_STEPS + 10, f"warmup_r{r}")
             rounds["ptft"].append(run_ptft_lora(base, work, sst2, steps, f"ptft_r{r}"))
             for i, v in enumerate(variants):
                 rounds[f"variant{i}"].append(run_ptft_lora(base, work, sst2, steps, f"variant{i}_r{r}", v.split()))
-            rounds["ddp"].append(run_peft_ddp(base, work, sst2, steps, f"ddp_r{r}"))
     best = {k: max(v) for k, v in rounds.items()}
     print(f"\n{'setup (LoRA, SST-2, global batch 32)':<48} {'examples/s':>10} {'vs DDP':>7}  rounds")
     for key, title in titles.items():
@@ -187,9 +211,11 @@ def vs_ddp(base: Path, work: Path, sst2: Path, steps: int, repeats: int, variant
     figures = {
         "ptft_lora_examples_per_s": best["ptft"],
         "peft_ddp_examples_per_s": best["ddp"],
+        "ptft_lora_without_ray_examples_per_s": best["noray"],
         **{f"ptft_{k}_examples_per_s": best[k] for k in titles if k.startswith("variant")},
         "rounds": rounds,
         "ratio_ptft_vs_peft_ddp": best["ptft"] / best["ddp"],
+        "ratio_without_ray_vs_peft_ddp": best["noray"] / best["ddp"],
     }
     print(json.dumps(figures))
 

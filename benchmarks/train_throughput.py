@@ -8,6 +8,9 @@ Same model (ModernBERT masked LM, hidden 256, 4 layers, seq 128, vocab 8192), sa
 
   (a) ptft pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2)  vs  a plain single-process
       PyTorch AdamW loop (2 threads)  and  plain torch DDP with 2 processes (1 thread each);
+      the row "ptft recipe without Ray" runs the same recipe in 2 spawned processes (a plain
+      gloo process group, as torchrun starts it), which separates Ray's share from
+      DeepSpeed's and the recipe's;
   (b) ptft  vs  HF Trainer + DataCollatorForLanguageModeling on the same samples;
   (c) per-rank memory of the model states (parameters, gradients, optimizer states: the bytes
       of every live tensor, at their peak after the 2nd backward, and after the 2nd step) for
@@ -15,7 +18,11 @@ Same model (ModernBERT masked LM, hidden 256, 4 layers, seq 128, vocab 8192), sa
       theory (bf16 bytes per parameter at the peak: 16, 2+2+12/N, 2+(2+12)/N, 16/N).
 
 Tokens/s count every input token of the steady-state steps (the first `--warmup` steps are
-excluded). Prints a table and, last, one JSON line of the figures.
+excluded), over the wall time of those steps as a whole in every setup: ptft logs its metrics
+every `--warmup` steps (a run's own windows, as a user runs it; its default is 10) and the
+first window is left out; the hand-written loops take the clock once the warm-up steps are
+done. Every round runs every setup once, the ptft rows in a fresh Ray session after one
+untimed warm-up job. Prints a table and, last, one JSON line of the figures.
 """
 
 from __future__ import annotations
@@ -84,10 +91,12 @@ def steady_tokens_per_s(step_times: list[float], tokens_per_step: int, warmup: i
 # --------------------------------------------------------------------------- (a) ptft
 
 
-def run_ptft(
+def ptft_config(
     dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2, name: str | None = None, extra: list[str] = ()
-) -> float:
-    cfg = C.load(
+) -> C.PretrainConfig:
+    """The ptft run of every ptft row: metrics every ``warmup`` steps, so that the first
+    window is the warm-up."""
+    return C.load(
         "pretrain",
         "pretrain_tiny",
         [
@@ -98,16 +107,72 @@ def run_ptft(
             "optim.micro_batch_size_per_rank=16",
             f"optim.max_steps={steps}",
             f"zero.stage={stage}",
-            "tracking.log_every_steps=1",
+            f"tracking.log_every_steps={max(1, warmup)}",
             f"eval_every_steps={10 * steps}",
             "data.num_eval_samples=32",
             f"data.mlm_probability={MLM_P}",
             *extra,
         ],
     )
+
+
+def window_tokens_per_s(run_dir: str | Path) -> float:
+    """Tokens/s over a ptft run's metric windows after the first (the warm-up): the windows'
+    steps over their wall time, each window timed whole by the run."""
+    rows = [json.loads(line) for line in open(Path(run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
+    timed = rows[1:] if len(rows) > 1 else rows
+    steps = [b["step"] - a["step"] for a, b in zip(rows, rows[1:])] if len(rows) > 1 else [rows[0]["step"]]
+    seconds = sum(n * r["step_time_s"] for n, r in zip(steps, timed))
+    return GLOBAL_BATCH * SEQ_LEN * sum(steps) / seconds
+
+
+def run_ptft(
+    dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2, name: str | None = None, extra: list[str] = ()
+) -> float:
+    cfg = ptft_config(dataset, work, steps, warmup, stage, name, extra)
     jobs.pretrain(cfg)
-    rows = [json.loads(line) for line in open(Path(cfg.run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
-    return steady_tokens_per_s([r["step_time_s"] for r in rows], GLOBAL_BATCH * SEQ_LEN, warmup)
+    return window_tokens_per_s(cfg.run_dir)
+
+
+# --------------------------------------------------------------------------- (a') ptft without Ray
+
+
+def _recipe_worker(rank: int, world: int, port: int, recipe: str, config_class: str, cfg: dict) -> None:
+    """One rank of a ptft recipe in a plain gloo process group, set up as torchrun does."""
+    import importlib
+
+    import torch.distributed as dist
+
+    from ptft_dist.world import World
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    importlib.import_module(f"ptft_dist.recipes.{recipe}").run(
+        C.from_dict(getattr(C, config_class), cfg), World.from_env()
+    )
+    dist.destroy_process_group()
+
+
+def run_recipe_spawned(recipe: str, cfg, nprocs: int = 2) -> None:
+    """A ptft recipe on ``nprocs`` spawned processes, without Ray (``cfg`` resolved: absolute paths)."""
+    jobs.prepare_run_dir(cfg.run_dir, cfg)
+    args = (nprocs, _free_port(), recipe, type(cfg).__name__, C.to_dict(cfg))
+    torch.multiprocessing.spawn(_recipe_worker, args=args, nprocs=nprocs)
+
+
+def run_ptft_without_ray(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2) -> float:
+    cfg = jobs._resolve_pretrain(ptft_config(dataset, work, steps, warmup, stage, name=f"noray_z{stage}"))
+    run_recipe_spawned("pretrain", cfg)
+    return window_tokens_per_s(cfg.run_dir)
 
 
 # --------------------------------------------------------------------------- plain loops
@@ -125,14 +190,13 @@ def _mask(ids: torch.Tensor, manifest: dict, seed: int):
     )
 
 
-def _timed_step(model, opt, inputs: torch.Tensor, labels: torch.Tensor, started: float) -> float:
-    """One AdamW step with clipping, the same in every hand-written loop; returns its seconds."""
+def _train_step(model, opt, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """One AdamW step with clipping, the same in every hand-written loop."""
     loss = model(input_ids=inputs, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
 
 
 def run_plain(dataset: Path, work: Path, steps: int, warmup: int) -> float:
@@ -145,7 +209,8 @@ def run_plain(dataset: Path, work: Path, steps: int, warmup: int) -> float:
     for step in range(steps):
         t = time.perf_counter()
         inputs, labels = _mask(data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH], manifest, step)
-        times.append(_timed_step(model, opt, inputs, labels, t))
+        _train_step(model, opt, inputs, labels)
+        times.append(time.perf_counter() - t)
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
 
 
@@ -155,7 +220,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -166,22 +231,23 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, out:
     data = train_samples(Path(dataset), GLOBAL_BATCH * steps)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     micro = GLOBAL_BATCH // world
-    times = []
     for step in range(steps):
-        dist.barrier()
-        t = time.perf_counter()
+        if step == warmup:  # the clock starts with both ranks past the warm-up
+            dist.barrier()
+            started = time.perf_counter()
         lo = step * GLOBAL_BATCH + rank * micro
         inputs, labels = _mask(data[lo : lo + micro], manifest, step * world + rank)
-        times.append(_timed_step(ddp, opt, inputs, labels, t))
+        _train_step(ddp, opt, inputs, labels)
+    dist.barrier()  # the last step is done on every rank
     if rank == 0:
-        Path(out).write_text(json.dumps(times))
+        Path(out).write_text(json.dumps(GLOBAL_BATCH * SEQ_LEN * (steps - warmup) / (time.perf_counter() - started)))
     dist.destroy_process_group()
 
 
 def run_ddp(dataset: Path, work: Path, steps: int, warmup: int) -> float:
-    out = work / "ddp_times.json"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), steps, str(out)), nprocs=2)
-    return steady_tokens_per_s(json.loads(out.read_text()), GLOBAL_BATCH * SEQ_LEN, warmup)
+    out = work / "ddp_tokens_per_s.json"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), steps, warmup, str(out)), nprocs=2)
+    return json.loads(out.read_text())
 
 
 def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
@@ -225,11 +291,12 @@ def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
 
 
-BASELINES = {"plain": run_plain, "ddp": run_ddp, "hf_trainer": run_hf_trainer}
+BASELINES = {"plain": run_plain, "ddp": run_ddp, "hf_trainer": run_hf_trainer, "noray": run_ptft_without_ray}
 BASELINE_TITLES = {
     "plain": "plain PyTorch, 1 process, 2 threads",
     "ddp": "torch DDP, 2 processes x 1 thread",
     "hf_trainer": "HF Trainer + DataCollatorForLanguageModeling",
+    "noray": "ptft recipe without Ray (2 spawned processes)",
 }
 
 
@@ -360,10 +427,12 @@ def main() -> None:
 
 
 def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
-    """Every setup ``--repeats`` times, the rounds interleaved; each figure is the best round
-    (the least disturbed by the other jobs of a shared machine). The ptft rows follow one
-    untimed warm-up run: the first training job of a fresh Ray session measured 10-15% slow,
-    whatever its config, while Ray's own processes were still starting up."""
+    """Every setup ``--repeats`` times, the rounds interleaved (each round runs every setup
+    once); each figure is the best round (the least disturbed by the other jobs of a shared
+    machine). The ptft rows of a round run in a fresh Ray session, after one untimed warm-up
+    run: the first training job of a fresh Ray session measured 10-15% slow, whatever its
+    config, while Ray's own processes were still starting up. The other setups run while no
+    Ray session is up."""
     from ptft_dist import launcher
 
     rounds: dict[str, list[float]] = {}
@@ -377,12 +446,11 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
         (f"ptft_variant{i}_tokens_per_s", dict(name=f"variant{i}", extra=variant.split()))
         for i, variant in enumerate(a.variant)
     ]
-    for _ in range(a.repeats):
+    for r in range(a.repeats):
         for name in a.baselines:
             best(f"{name}_tokens_per_s", BASELINES[name](dataset, work, a.steps, a.warmup))
-    with launcher.session(num_cpus=2):
-        run_ptft(dataset, work, 10, 0, name="warmup")
-        for r in range(a.repeats):
+        with launcher.session(num_cpus=2):
+            run_ptft(dataset, work, 10, a.warmup, name=f"warmup_r{r}")
             for key, kw in rows:
                 best(key, run_ptft(dataset, work, a.steps, a.warmup, **{**kw, "name": f"{kw.get('name', key)}_r{r}"}))
     figures["rounds"] = rounds
