@@ -1,6 +1,7 @@
 """Where the time of a training step goes: ptft (Ray Train + DeepSpeed ZeRO) against torch DDP.
 
     python benchmarks/step_profile.py [--seconds 20] [--stage 2] [--native]
+    python benchmarks/step_profile.py --sched [--seconds 20] [--stage 2] [--dataset DIR]
     python benchmarks/step_profile.py --ray-cpu [--seconds 60] [--dataset DIR]
 
 The model, data, global batch and masking of ``benchmarks/train_throughput.py`` (ModernBERT 256
@@ -14,6 +15,13 @@ Prints the table and, last, one JSON line.
 
 py-spy sees Python frames (``--native`` adds C++ frames, slower): DDP's gradient buckets are
 reduced in C++ autograd hooks, so without ``--native`` they count as its backward.
+
+``--sched`` measures without a sampler (py-spy stops each rank 100 times a second): for torch
+DDP, the ptft recipe without Ray (2 spawned processes in a plain gloo process group, as
+torchrun starts them) and ptft on Ray Train, once warm, over ``--seconds``: wall ms per step,
+and per rank and step the CPU ms in user and kernel mode, the context switches (voluntary:
+the rank waited, e.g. in a collective; involuntary: another process took its core) and the
+minor page faults, from ``/proc``; and the CPU ms per step of every other process.
 
 ``--ray-cpu`` measures instead what Ray's own processes take from the training: the same ptft
 run twice, with the embedded cluster as Ray's defaults start it (``PTFT_RAY_DASHBOARD=1``) and
@@ -349,6 +357,103 @@ def profile_ddp(dataset: Path, work: Path, seconds: float, native: bool) -> dict
     }
 
 
+# --------------------------------------------------------------------------- --sched
+
+
+def proc_counters(pid: int) -> dict[str, float]:
+    """CPU ms (user, system), context switches (all threads) and minor faults of a process so far."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    times, switches = proc.cpu_times(), proc.num_ctx_switches()
+    with open(f"/proc/{pid}/stat") as fh:
+        minflt = int(fh.read().rsplit(")", 1)[1].split()[7])
+    return {
+        "user_ms": 1000 * times.user,
+        "system_ms": 1000 * times.system,
+        "voluntary_switches": switches.voluntary,
+        "involuntary_switches": switches.involuntary,
+        "minor_faults": minflt,
+    }
+
+
+def sched_window(pids: list[int], step_of, seconds: float) -> dict:
+    """Per step over the next ``seconds``: wall ms; per rank (mean of the ranks) the counters of
+    :func:`proc_counters`; CPU ms of every other process, the busiest first."""
+    before, others_before = [proc_counters(p) for p in pids], _cpu_seconds({*pids, os.getpid()})
+    s0, t0 = step_of(), time.monotonic()
+    time.sleep(seconds)
+    steps, wall = step_of() - s0, time.monotonic() - t0
+    after, others_after = [proc_counters(p) for p in pids], _cpu_seconds({*pids, os.getpid()})
+    per_rank = {k: sum(a[k] - b[k] for a, b in zip(after, before)) / len(pids) / steps for k in before[0]}
+    others = {k: 1000 * (v - others_before.get(k, 0.0)) / steps for k, v in others_after.items()}
+    busy = {k: round(v, 1) for k, v in sorted(others.items(), key=lambda kv: -kv[1]) if v >= 0.1}
+    return {
+        "steps": steps,
+        "wall_ms": round(1000 * wall / steps, 1),
+        **{k: round(v, 1) for k, v in per_rank.items()},
+        "others_cpu_ms": round(sum(busy.values()), 1),
+        "others": dict(list(busy.items())[:6]),
+    }
+
+
+def sched_ddp(dataset: Path, work: Path, seconds: float) -> dict:
+    progress = work / "sched_ddp_progress"
+    ctx = torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, tt._free_port(), str(dataset), str(progress)), nprocs=2, join=False
+    )
+
+    def beat(rank: int) -> tuple[int, int]:
+        try:
+            pid, step = Path(f"{progress}.{rank}").read_text().split()
+            return int(pid), int(step)
+        except (OSError, ValueError):
+            return 0, 0
+
+    while min(beat(r)[1] for r in (0, 1)) < WARM_STEPS:
+        time.sleep(0.2)
+    out = sched_window([beat(r)[0] for r in (0, 1)], lambda: beat(0)[1], seconds)
+    progress.with_suffix(".stop").touch()
+    ctx.join()
+    return out
+
+
+def sched_ptft(dataset: Path, work: Path, seconds: float, stage: int, with_ray: bool) -> dict:
+    run_dir = work / f"sched_{'ray' if with_ray else 'noray'}_z{stage}"
+    cfg = _ptft_config(dataset, run_dir, stage)
+    if with_ray:
+        runner = _start_ptft(cfg, WARM_STEPS)
+    else:
+        resolved = jobs._resolve_pretrain(cfg)
+        runner = threading.Thread(target=tt.run_recipe_spawned, args=("pretrain", resolved), daemon=True)
+        runner.start()
+        while min(_beat(run_dir, r).get("step", 0) for r in (0, 1)) < WARM_STEPS:
+            if not runner.is_alive():
+                raise RuntimeError("the ptft run without Ray ended before it was warm")
+            time.sleep(0.2)
+    out = sched_window([_beat(run_dir, r)["pid"] for r in (0, 1)], lambda: _beat(run_dir, 0)["step"], seconds)
+    (run_dir / STOP_FILE).touch()  # checkpoint and stop
+    runner.join(timeout=300)
+    return out
+
+
+def sched(dataset: Path, work: Path, seconds: float, stage: int) -> None:
+    out = {
+        "ddp": sched_ddp(dataset, work, seconds),
+        f"ptft_noray_zero{stage}": sched_ptft(dataset, work, seconds, stage, with_ray=False),
+        f"ptft_ray_zero{stage}": sched_ptft(dataset, work, seconds, stage, with_ray=True),
+    }
+    names = list(out)
+    print(f"\nper step ({seconds:g} s once warm; per rank: mean of the 2 ranks)")
+    print(f"{'':<26}" + "".join(f"{n:>20}" for n in names))
+    for key in ("wall_ms", "user_ms", "system_ms", "voluntary_switches", "involuntary_switches", "minor_faults"):
+        print(f"{key:<26}" + "".join(f"{out[n][key]:>20}" for n in names))
+    print(f"{'other processes, CPU ms':<26}" + "".join(f"{out[n]['others_cpu_ms']:>20}" for n in names))
+    for n in names:
+        print(f"{n}: " + ", ".join(f"{k} {v:g}" for k, v in out[n]["others"].items()))
+    print(json.dumps(out))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20)
@@ -356,11 +461,15 @@ def main() -> int:
     parser.add_argument("--native", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--ray-cpu", action="store_true", help="CPU of Ray's own processes, defaults vs lean")
+    parser.add_argument("--sched", action="store_true", help="CPU, switches and faults per step; DDP, no Ray, Ray")
     parser.add_argument("--dataset", type=Path, default=None, help="a dataset built before (default: build one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ptft-profile-"))
     work.mkdir(parents=True, exist_ok=True)
     dataset = args.dataset or tt.build_dataset(work)
+    if args.sched:
+        sched(dataset, work, args.seconds, args.stage)
+        return 0
     if args.ray_cpu:
         out = ray_cpu(dataset, work, args.seconds, args.stage)
         print_ray_cpu(out)

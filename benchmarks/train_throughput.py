@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -171,6 +172,7 @@ def run_recipe_spawned(recipe: str, cfg, nprocs: int = 2) -> None:
 
 def run_ptft_without_ray(dataset: Path, work: Path, steps: int, warmup: int, stage: int = 2) -> float:
     cfg = jobs._resolve_pretrain(ptft_config(dataset, work, steps, warmup, stage, name=f"noray_z{stage}"))
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the round before: its metrics, its checkpoint
     run_recipe_spawned("pretrain", cfg)
     return window_tokens_per_s(cfg.run_dir)
 

@@ -1,6 +1,7 @@
 """Ray Train + DeepSpeed on tiny models: 2 workers on a local 2-CPU cluster, real shards."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -314,3 +315,20 @@ def test_a_failing_finetune_job_does_not_stop_the_others(tmp_path, stage2_export
     results = jobs.run_finetune_jobs([good, bad])
     assert results["good"]["metrics"]["status"] == "ok" and results["good"]["metrics"]["num_test_examples"] == 500
     assert results["bad"]["metrics"]["status"] == "failed" and "no_model_here" in results["bad"]["error"]
+
+
+def test_what_outlives_the_grace_after_ray_shutdown_is_killed(monkeypatch):
+    """launcher._reap: a process of an embedded session still running REAP_GRACE_S after
+    ray.shutdown() (a Ray Train controller did, holding 490 MB until reboot) is killed."""
+    import subprocess
+
+    import psutil
+
+    from ptft_dist import launcher
+
+    monkeypatch.setattr(launcher, "REAP_GRACE_S", 0.5)
+    lingering = subprocess.Popen(["sleep", "120"])
+    started = time.monotonic()
+    launcher._reap([psutil.Process(lingering.pid)])  # it reaps the child too
+    assert not psutil.pid_exists(lingering.pid), "a `sleep 120` of the session outlived _reap"
+    assert time.monotonic() - started < 5

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from helpers import TINY_MODEL, run_cluster_script
@@ -155,11 +156,15 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_the_same_command_resumes(tmp_p
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(run_dir, rank=0, step=5)
+        session = psutil.Process(proc.pid).children(recursive=True)  # GCS, raylet, its workers and actors
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 75, out[-3000:]
+    # the command's Ray session went with it: no worker, actor or Train controller lives on
+    _, left = psutil.wait_procs(session, timeout=10)
+    assert not left, f"processes of the stopped command's Ray session still run: {[p.name() for p in left]}"
     assert "run the same command again to resume" in out
     # the console has the driver's compact progress lines, not the workers' raw log lines
     assert "pretrain | step 5/60 | loss" in out and "RayTrainWorker" not in out, out[-3000:]
