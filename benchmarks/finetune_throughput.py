@@ -1,7 +1,8 @@
-"""Finetuning throughput, side by side in one run. Two comparisons:
+"""Finetuning throughput, side by side in one run. Three comparisons:
 
     python benchmarks/finetune_throughput.py [--steps 60] [--base DIR]
     python benchmarks/finetune_throughput.py --vs-ddp [--steps 60] [--repeats 3] [--base DIR] [--sst2 DIR]
+    python benchmarks/finetune_throughput.py --one-process [--steps 60] [--repeats 3] [--base DIR] [--sst2 DIR]
 
 Default, LoRA vs full finetuning: examples/s and peak memory per rank. Same model (a
 ModernBERT encoder, hidden 256, 4 layers: a pretraining export given with --base, else a
@@ -20,7 +21,14 @@ the same way. The row "without Ray" runs the same finetune recipe in 2 spawned p
 the recipe's. Every setup runs ``--repeats`` times, interleaved; the best round counts.
 Examples/s over steps 11 to the end.
 
-Both print a table and, last, one JSON line of the figures.
+``--one-process``, the recipe's step against a plain step on the same model in one process
+(1 thread, no collectives): ``finetune.train_step`` (the DeepSpeed engine's forward, backward
+and step; ZeRO-0, since ZeRO-2's gradient hooks own the model's gradients) against
+``loss.backward()``, ``clip_grad_norm_`` and ``torch.optim.AdamW`` on the engine's own module,
+the same 16-example micro batches, tokenized the same way; ms per step, alternating, best of
+``--repeats``.
+
+Each prints a table and, last, one JSON line of the figures.
 """
 
 from __future__ import annotations
@@ -220,6 +228,54 @@ def vs_ddp(base: Path, work: Path, sst2: Path, steps: int, repeats: int, variant
     print(json.dumps(figures))
 
 
+# --------------------------------------------------------------------------- --one-process
+
+
+def one_process(base: Path, work: Path, sst2: Path, steps: int, repeats: int) -> None:
+    import torch
+
+    from ptft_dist import engine
+    from ptft_dist.recipes import finetune
+    from ptft_dist.world import World
+
+    overrides = sst2_overrides(base, work / "one", sst2, steps)
+    overrides += ["scaling.num_workers=1", "optim.global_batch_size=16", "zero.stage=0"]
+    cfg = jobs._resolve_finetune(C.load("finetune", "finetune_sst2", overrides))
+    engine.init_distributed(World(), cfg.scaling)  # a process group of one, in memory
+    s = finetune.setup(cfg, World())
+    s.engine.train()
+    model = s.engine.module
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
+
+    def plain(step: int) -> None:
+        ids = s.batches.of_step(step)[1].tolist()
+        labels = torch.tensor([s.train.labels[i] for i in ids])
+        loss = model(**finetune.encode(s, s.train, ids), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    def ms_per_step(step_fn) -> float:
+        started = time.perf_counter()
+        for step in range(1, steps + 1):
+            step_fn(step)
+        return 1000 * (time.perf_counter() - started) / steps
+
+    ms_per_step(lambda step: finetune.train_step(s, step))  # warm-up
+    rounds: dict[str, list[float]] = {"recipe": [], "plain": []}
+    for _ in range(repeats):
+        rounds["recipe"].append(ms_per_step(lambda step: finetune.train_step(s, step)))
+        rounds["plain"].append(ms_per_step(plain))
+    best = {k: min(v) for k, v in rounds.items()}
+    print(f"\n{'one process, LoRA, micro batch 16':<48} {'ms/step':>8}  rounds")
+    for key, title in (("recipe", "finetune.train_step (DeepSpeed engine)"), ("plain", "plain peft step")):
+        print(f"{title:<48} {best[key]:>8.2f}  {[round(x, 2) for x in rounds[key]]}")
+    print(json.dumps({"recipe_ms_per_step": best["recipe"], "plain_ms_per_step": best["plain"], "rounds": rounds}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
@@ -227,12 +283,18 @@ def main() -> None:
     p.add_argument("--vs-ddp", action="store_true", help="ptft's LoRA path against peft + torch DDP, on SST-2")
     p.add_argument("--repeats", type=int, default=3, help="--vs-ddp: rounds of each setup, interleaved")
     p.add_argument("--variant", action="append", default=[], help="--vs-ddp: one more ptft row with these overrides")
-    p.add_argument("--sst2", default=str(ROOT.parent / "shared" / "data" / "sst2"), help="--vs-ddp: SST-2 TSVs")
+    p.add_argument("--one-process", action="store_true", help="the recipe's step vs a plain step, one process")
+    p.add_argument(
+        "--sst2", default=str(ROOT.parent / "shared" / "data" / "sst2"), help="SST-2 TSVs (--vs-ddp, --one-process)"
+    )
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ptft-ft-bench-"))
     base = Path(a.base) if a.base else random_base(work)
     if a.vs_ddp:
         vs_ddp(base, work, Path(a.sst2).resolve(), a.steps, a.repeats, a.variant)
+        return
+    if a.one_process:
+        one_process(base, work, Path(a.sst2).resolve(), a.steps, a.repeats)
         return
     with launcher.session(num_cpus=2):
         results = {m: run(m, base, work, a.steps) for m in ("lora", "full")}

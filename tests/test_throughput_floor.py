@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: ptft / DDP tokens/s. docs/performance.md measured 0.99 (best of 3 rounds) on 2 idle cores,
+#: ptft / DDP tokens/s. docs/performance.md measured 0.95 (best of 3 rounds, 2026-12-07) on 2 idle cores,
 #: where rounds of one setup differ by up to 15%; below this floor the stack costs more again.
 FLOOR = 0.9
 
