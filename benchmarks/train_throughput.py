@@ -418,6 +418,8 @@ def main() -> None:
         help="one more ptft row with these overrides, space-separated (e.g. 'zero.reduce_scatter=false'); repeatable",
     )
     a = p.parse_args()
+    if not a.memory_only and a.steps <= a.warmup:
+        p.error(f"--steps {a.steps} leaves no step to time after --warmup {a.warmup}")
     work = Path(tempfile.mkdtemp(prefix="ptft-bench-"))
     dataset = build_dataset(work)
     figures: dict = {}
