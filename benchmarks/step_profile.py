@@ -329,8 +329,9 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, progress: str) -
     dist.destroy_process_group()
 
 
-def profile_ddp(dataset: Path, work: Path, seconds: float, native: bool) -> dict:
-    progress = work / "ddp_progress"
+def _start_ddp(dataset: Path, progress: Path):
+    """The DDP loop on 2 spawned ranks, once both have done WARM_STEPS steps: (the spawn
+    context, the ranks' pids, a function that reads rank 0's step)."""
     ctx = torch.multiprocessing.spawn(
         _ddp_worker, args=(2, tt._free_port(), str(dataset), str(progress)), nprocs=2, join=False
     )
@@ -344,10 +345,15 @@ def profile_ddp(dataset: Path, work: Path, seconds: float, native: bool) -> dict
 
     while min(beat(r)[1] for r in (0, 1)) < WARM_STEPS:
         time.sleep(0.2)
-    pids = [beat(r)[0] for r in (0, 1)]
-    s0 = beat(0)[1]
+    return ctx, [beat(r)[0] for r in (0, 1)], lambda: beat(0)[1]
+
+
+def profile_ddp(dataset: Path, work: Path, seconds: float, native: bool) -> dict:
+    progress = work / "ddp_progress"
+    ctx, pids, step_of = _start_ddp(dataset, progress)
+    s0 = step_of()
     files = record(pids, seconds, work, "ddp", native)
-    steps = beat(0)[1] - s0
+    steps = step_of() - s0
     progress.with_suffix(".stop").touch()
     ctx.join()
     return {
@@ -399,20 +405,8 @@ def sched_window(pids: list[int], step_of, seconds: float) -> dict:
 
 def sched_ddp(dataset: Path, work: Path, seconds: float) -> dict:
     progress = work / "sched_ddp_progress"
-    ctx = torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, tt._free_port(), str(dataset), str(progress)), nprocs=2, join=False
-    )
-
-    def beat(rank: int) -> tuple[int, int]:
-        try:
-            pid, step = Path(f"{progress}.{rank}").read_text().split()
-            return int(pid), int(step)
-        except (OSError, ValueError):
-            return 0, 0
-
-    while min(beat(r)[1] for r in (0, 1)) < WARM_STEPS:
-        time.sleep(0.2)
-    out = sched_window([beat(r)[0] for r in (0, 1)], lambda: beat(0)[1], seconds)
+    ctx, pids, step_of = _start_ddp(dataset, progress)
+    out = sched_window(pids, step_of, seconds)
     progress.with_suffix(".stop").touch()
     ctx.join()
     return out

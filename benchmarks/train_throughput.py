@@ -138,14 +138,8 @@ def run_ptft(
 # --------------------------------------------------------------------------- (a') ptft without Ray
 
 
-def _recipe_worker(rank: int, world: int, port: int, recipe: str, config_class: str, cfg: dict) -> None:
-    """One rank of a ptft recipe in a plain gloo process group, set up as torchrun does."""
-    import importlib
-
-    import torch.distributed as dist
-
-    from ptft_dist.world import World
-
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for a rank on this machine (and DeepSpeed's CPU accelerator)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -154,8 +148,19 @@ def _recipe_worker(rank: int, world: int, port: int, recipe: str, config_class: 
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         DS_ACCELERATOR="cpu",
-        TOKENIZERS_PARALLELISM="false",
     )
+
+
+def _recipe_worker(rank: int, world: int, port: int, recipe: str, config_class: str, cfg: dict) -> None:
+    """One rank of a ptft recipe in a plain gloo process group, set up as torchrun does."""
+    import importlib
+
+    import torch.distributed as dist
+
+    from ptft_dist.world import World
+
+    set_rank_env(rank, world, port)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     dist.init_process_group("gloo", rank=rank, world_size=world)
     importlib.import_module(f"ptft_dist.recipes.{recipe}").run(
         C.from_dict(getattr(C, config_class), cfg), World.from_env()
@@ -332,14 +337,7 @@ def _live_tensor_mb() -> float:
 def _zero_worker(rank: int, world: int, port: int, dataset: str, stage: int, out: str, precision: str = "fp32") -> None:
     import torch.distributed as dist
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-    )
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from ptft_dist import engine as E
