@@ -1,7 +1,7 @@
 """Where the time of a training step goes: ptft (Ray Train + DeepSpeed ZeRO) against torch DDP.
 
     python benchmarks/step_profile.py [--seconds 20] [--stage 2] [--native]
-    python benchmarks/step_profile.py --sched [--seconds 20] [--stage 2] [--dataset DIR]
+    python benchmarks/step_profile.py --sched [--seconds 20] [--repeats 3] [--stage 2] [--dataset DIR]
     python benchmarks/step_profile.py --ray-cpu [--seconds 60] [--dataset DIR]
 
 The model, data, global batch and masking of ``benchmarks/train_throughput.py`` (ModernBERT 256
@@ -21,7 +21,8 @@ DDP, the ptft recipe without Ray (2 spawned processes in a plain gloo process gr
 torchrun starts them) and ptft on Ray Train, once warm, over ``--seconds``: wall ms per step,
 and per rank and step the CPU ms in user and kernel mode, the context switches (voluntary:
 the rank waited, e.g. in a collective; involuntary: another process took its core) and the
-minor page faults, from ``/proc``; and the CPU ms per step of every other process.
+minor page faults, from ``/proc``; and the CPU ms per step of every other process. The
+setups take turns for ``--repeats`` rounds; each figure is the median of its rounds.
 
 ``--ray-cpu`` measures instead what Ray's own processes take from the training: the same ptft
 run twice, with the embedded cluster as Ray's defaults start it (``PTFT_RAY_DASHBOARD=1``) and
@@ -37,6 +38,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -367,18 +369,28 @@ def profile_ddp(dataset: Path, work: Path, seconds: float, native: bool) -> dict
 
 
 def proc_counters(pid: int) -> dict[str, float]:
-    """CPU ms (user, system), context switches (all threads) and minor faults of a process so far."""
+    """CPU ms (user, system), context switches and minor faults of a process so far, all its
+    threads (``/proc/PID/status`` alone counts the main thread's switches, and under Ray Train
+    the training loop runs in another thread)."""
     import psutil
 
-    proc = psutil.Process(pid)
-    times, switches = proc.cpu_times(), proc.num_ctx_switches()
+    times = psutil.Process(pid).cpu_times()
     with open(f"/proc/{pid}/stat") as fh:
         minflt = int(fh.read().rsplit(")", 1)[1].split()[7])
+    switches = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line:
+                    key, value = line.split(":")
+                    switches[key.replace("nonvoluntary_ctxt_switches", "involuntary_switches")] += int(value)
+        except OSError:  # a thread that ended meanwhile
+            continue
     return {
         "user_ms": 1000 * times.user,
         "system_ms": 1000 * times.system,
-        "voluntary_switches": switches.voluntary,
-        "involuntary_switches": switches.involuntary,
+        "voluntary_switches": switches["voluntary_ctxt_switches"],
+        "involuntary_switches": switches["involuntary_switches"],
         "minor_faults": minflt,
     }
 
@@ -431,26 +443,44 @@ def sched_ptft(dataset: Path, work: Path, seconds: float, stage: int, with_ray: 
     return out
 
 
-def sched(dataset: Path, work: Path, seconds: float, stage: int) -> None:
-    out = {
-        "ddp": sched_ddp(dataset, work, seconds),
-        f"ptft_noray_zero{stage}": sched_ptft(dataset, work, seconds, stage, with_ray=False),
-        f"ptft_ray_zero{stage}": sched_ptft(dataset, work, seconds, stage, with_ray=True),
+SCHED_FIELDS = ("wall_ms", "user_ms", "system_ms", "voluntary_switches", "involuntary_switches", "minor_faults")
+
+
+def sched(dataset: Path, work: Path, seconds: float, stage: int, repeats: int) -> None:
+    """Every setup ``repeats`` times, the rounds interleaved; each figure is the median of its
+    rounds (the machine's speed drifts by 10% within minutes: one window per setup does not
+    resolve a few percent)."""
+    setups = {
+        "ddp": lambda r: sched_ddp(dataset, work / f"r{r}", seconds),
+        f"ptft_noray_zero{stage}": lambda r: sched_ptft(dataset, work / f"r{r}", seconds, stage, with_ray=False),
+        f"ptft_ray_zero{stage}": lambda r: sched_ptft(dataset, work / f"r{r}", seconds, stage, with_ray=True),
     }
-    names = list(out)
-    print(f"\nper step ({seconds:g} s once warm; per rank: mean of the 2 ranks)")
+    rounds: dict[str, list[dict]] = {name: [] for name in setups}
+    for r in range(repeats):
+        (work / f"r{r}").mkdir(parents=True, exist_ok=True)
+        for name, measure in setups.items():
+            rounds[name].append(measure(r))
+    median = {
+        name: {key: statistics.median(one[key] for one in runs) for key in (*SCHED_FIELDS, "others_cpu_ms")}
+        for name, runs in rounds.items()
+    }
+    names = list(setups)
+    print(f"\nper step, median of {repeats} rounds ({seconds:g} s each once warm; per rank: mean of the 2 ranks)")
     print(f"{'':<26}" + "".join(f"{n:>20}" for n in names))
-    for key in ("wall_ms", "user_ms", "system_ms", "voluntary_switches", "involuntary_switches", "minor_faults"):
-        print(f"{key:<26}" + "".join(f"{out[n][key]:>20}" for n in names))
-    print(f"{'other processes, CPU ms':<26}" + "".join(f"{out[n]['others_cpu_ms']:>20}" for n in names))
+    for key in (*SCHED_FIELDS, "others_cpu_ms"):
+        print(f"{key:<26}" + "".join(f"{median[n][key]:>20.1f}" for n in names))
+    print("wall ms per round: " + "; ".join(f"{n} {[one['wall_ms'] for one in rounds[n]]}" for n in names))
     for n in names:
-        print(f"{n}: " + ", ".join(f"{k} {v:g}" for k, v in out[n]["others"].items()))
-    print(json.dumps(out))
+        print(
+            f"{n}, other processes (last round): " + ", ".join(f"{k} {v:g}" for k, v in rounds[n][-1]["others"].items())
+        )
+    print(json.dumps({"median": median, "rounds": rounds}))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="--sched: rounds of every setup, interleaved")
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--native", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
@@ -462,7 +492,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     dataset = args.dataset or tt.build_dataset(work)
     if args.sched:
-        sched(dataset, work, args.seconds, args.stage)
+        sched(dataset, work, args.seconds, args.stage, args.repeats)
         return 0
     if args.ray_cpu:
         out = ray_cpu(dataset, work, args.seconds, args.stage)
