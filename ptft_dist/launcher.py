@@ -183,7 +183,7 @@ def _reap(procs: list) -> None:
     ``ray.shutdown()`` stops GCS and the raylet; their workers are meant to exit when the
     raylet goes. A Ray Train ``TrainController`` sometimes does not: it lives on, reparented
     to init, with about 490 MB resident and a few timers, until the machine restarts (six
-    after one test-suite run and two benchmark runs). Only processes of this session are touched
+    after one test-suite run and one benchmark run). Only processes of this session are touched
     (psutil refuses a pid that was reused since)."""
     import psutil
 
