@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -131,12 +130,6 @@ def run_ptft_lora_without_ray(base: Path, work: Path, sst2: Path, steps: int, na
     return steady_examples_per_s(work / name)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _peft_ddp_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     """The plain loop: the peft model of the ptft run in torch DDP, one thread per process."""
     import numpy as np
@@ -189,7 +182,7 @@ def run_peft_ddp(base: Path, work: Path, sst2: Path, steps: int, name: str) -> f
 
     out = work / f"{name}.json"
     overrides = sst2_overrides(base, work / name, sst2, steps)
-    torch.multiprocessing.spawn(_peft_ddp_worker, args=(2, _free_port(), overrides, str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_peft_ddp_worker, args=(2, tt._free_port(), overrides, str(out)), nprocs=2)
     return json.loads(out.read_text())
 
 

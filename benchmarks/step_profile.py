@@ -381,16 +381,16 @@ def proc_counters(pid: int) -> dict[str, float]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             for line in (task / "status").read_text().splitlines():
-                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line:
-                    key, value = line.split(":")
-                    switches[key.replace("nonvoluntary_ctxt_switches", "involuntary_switches")] += int(value)
+                key, _, value = line.partition(":")
+                if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                    switches[key] += int(value)
         except OSError:  # a thread that ended meanwhile
             continue
     return {
         "user_ms": 1000 * times.user,
         "system_ms": 1000 * times.system,
         "voluntary_switches": switches["voluntary_ctxt_switches"],
-        "involuntary_switches": switches["involuntary_switches"],
+        "involuntary_switches": switches["nonvoluntary_ctxt_switches"],
         "minor_faults": minflt,
     }
 
