@@ -1,7 +1,7 @@
 """Few labels plus the task's own unlabeled text: does pretraining pay on SST-2?
 
     python benchmarks/sst2_few_labels.py [--labels 500 1000 4000] [--seeds 0 1 2]
-                                         [--wiki-steps 1100] [--task-steps 1100] [--continued-steps 275]
+                                         [--wiki-steps 3000] [--task-steps 3000] [--continued-steps 750]
                                          [--finetune-steps 200] [--finetune-override KEY=VALUE ...]
                                          [--methods lora full] [--out DIR] [--sst2 ../shared/data/sst2]
 
@@ -11,10 +11,10 @@
    ``pretrain_on_task_text`` and ``task_text_examples: training_split`` adds), tokenized with
    the WikiText-2 tokenizer so that every row shares a vocabulary. No dev or test sentence.
 2. Three pretrainings of preset ``pretrain_small`` on Ray Train (2 workers, ZeRO-2), each a
-   fixed number of steps (about 1.1 s per step on 2 idle cores: 1,100 steps ~ 20 min, so the
-   budgets hold however busy the machine is): WikiText-2 only; in-domain only (self-pretraining,
-   from scratch); WikiText-2 then in-domain (the WikiText-2 export, continued with
-   ``model.init_from``: 20 + 5 min).
+   fixed number of steps, so that the budgets hold however busy the machine is (0.4-0.55 s per
+   step on 2 idle cores of the current machine: 3,000 steps in 20-28 min): WikiText-2 only;
+   in-domain only (self-pretraining, from scratch); WikiText-2 then in-domain (the WikiText-2
+   export, continued with ``model.init_from`` for a quarter of its steps).
 3. Finetunes preset ``finetune_sst2`` from each export and from a random-init model of the same
    architecture, with LoRA and with full finetuning, on 500 / 1,000 / 4,000 labels (a stratified
    sample of SST-2 train per seed: ``task.train_examples``, ``optim.seed``), the same steps and
@@ -86,7 +86,8 @@ def build_corpora(out: Path, sst2: Path) -> tuple[Path, Path]:
 
 
 def pretrain(name: str, dataset: Path, out: Path, steps: int, overrides: list[str]) -> dict:
-    run_dir = out / "pretrain" / name
+    """One pretraining of ``steps`` steps, cached in a run directory named by the row and its budget."""
+    run_dir = out / "pretrain" / f"{name}-{steps}"
     if not (run_dir / "summary.json").is_file():
         cfg = C.load(
             "pretrain",
@@ -195,9 +196,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", type=int, nargs="+", default=[500, 1000, 4000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--wiki-steps", type=int, default=1100, help="WikiText-2 pretraining steps (x32 x128 tokens)")
-    p.add_argument("--task-steps", type=int, default=1100, help="in-domain pretraining steps, from scratch")
-    p.add_argument("--continued-steps", type=int, default=275, help="in-domain steps after the WikiText-2 run")
+    p.add_argument("--wiki-steps", type=int, default=3000, help="WikiText-2 pretraining steps (x32 x128 tokens)")
+    p.add_argument("--task-steps", type=int, default=3000, help="in-domain pretraining steps, from scratch")
+    p.add_argument("--continued-steps", type=int, default=750, help="in-domain steps after the WikiText-2 run")
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--finetune-eval-every", type=int, default=50)
     p.add_argument(
@@ -227,7 +228,7 @@ def main() -> None:
         pre = {"wiki": pretrain("wiki", wiki_data, out, a.wiki_steps, [])}
         pre["task"] = pretrain("task", task_data, out, a.task_steps, [])
         pre["wiki+task"] = pretrain(
-            "wiki+task", task_data, out, a.continued_steps, [f"model.init_from={pre['wiki']['export']}"]
+            f"wiki{a.wiki_steps}+task", task_data, out, a.continued_steps, [f"model.init_from={pre['wiki']['export']}"]
         )
     bases = {"random": random_base(pre["wiki"]["export"], out / "random_init")}
     bases.update({name: r["export"] for name, r in pre.items()})
