@@ -182,6 +182,7 @@ def plot(table: dict, labels: list[int], methods: list[str], path: Path) -> None
             sds = [100 * statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
             ax.errorbar(labels, means, yerr=sds, linestyle=style, marker="o", capsize=3, label=f"{title}, {method}")
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the label counts measured
     ax.set_xticks(labels, [f"{n:,}" for n in labels])
     ax.set_xlabel("labeled SST-2 training examples")
     ax.set_ylabel("SST-2 test accuracy (%), mean +- sd over seeds")
