@@ -21,8 +21,13 @@ Tokens/s count every input token of the steady-state steps (the first `--warmup`
 excluded), over the wall time of those steps as a whole in every setup: ptft logs its metrics
 every `--warmup` steps (a run's own windows, as a user runs it; its default is 10) and the
 first window is left out; the hand-written loops take the clock once the warm-up steps are
-done. Every round runs every setup once, the ptft rows in a fresh Ray session after one
-untimed warm-up job. Prints a table and, last, one JSON line of the figures.
+done. Every round runs every setup once, each round starting one setup later than the last
+(the order rotates); the ptft rows run in a fresh Ray session after one untimed warm-up job.
+"torch DDP, one bucket" is DDP without its overlap of the gradient all-reduce with the
+backward, as DeepSpeed reduces on the CPU. Prints a table and, last, one JSON line of the
+figures: each setup's best round, ptft's ratio to each baseline from those
+(``ratio_ptft_vs_*``), and the median over rounds of the ratio within each round
+(``median_ratio_ptft_vs_*``), which a machine that drifts between rounds moves less.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -227,14 +233,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, warmup: int, out: str) -> None:
+def _ddp_worker(
+    rank: int, world: int, port: int, dataset: str, steps: int, warmup: int, out: str, bucket_cap_mb: float
+) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model, manifest = make_model(Path(dataset), MODEL)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
     data = train_samples(Path(dataset), GLOBAL_BATCH * steps)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     micro = GLOBAL_BATCH // world
@@ -251,10 +259,19 @@ def _ddp_worker(rank: int, world: int, port: int, dataset: str, steps: int, warm
     dist.destroy_process_group()
 
 
-def run_ddp(dataset: Path, work: Path, steps: int, warmup: int) -> float:
+def run_ddp(dataset: Path, work: Path, steps: int, warmup: int, bucket_cap_mb: float = 25) -> float:
+    """Torch DDP as users run it: 25 MB buckets (its default), each all-reduced as the backward fills it."""
     out = work / "ddp_tokens_per_s.json"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), steps, warmup, str(out)), nprocs=2)
+    args = (2, _free_port(), str(dataset), steps, warmup, str(out), bucket_cap_mb)
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2)
     return json.loads(out.read_text())
+
+
+def run_ddp_one_bucket(dataset: Path, work: Path, steps: int, warmup: int) -> float:
+    """DDP without its overlap: every gradient in one bucket (the model's 19 MB of fp32
+    gradients fit in 1 GB), so the all-reduce starts when the backward is done, as
+    DeepSpeed's CPU path reduces (only DDP's first bucket, 1 MB, still goes early)."""
+    return run_ddp(dataset, work, steps, warmup, bucket_cap_mb=1024)
 
 
 def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
@@ -298,10 +315,17 @@ def run_hf_trainer(dataset: Path, work: Path, steps: int, warmup: int) -> float:
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
 
 
-BASELINES = {"plain": run_plain, "ddp": run_ddp, "hf_trainer": run_hf_trainer, "noray": run_ptft_without_ray}
+BASELINES = {
+    "plain": run_plain,
+    "ddp": run_ddp,
+    "ddp_one_bucket": run_ddp_one_bucket,
+    "hf_trainer": run_hf_trainer,
+    "noray": run_ptft_without_ray,
+}
 BASELINE_TITLES = {
     "plain": "plain PyTorch, 1 process, 2 threads",
     "ddp": "torch DDP, 2 processes x 1 thread",
+    "ddp_one_bucket": "torch DDP, one bucket (no overlap)",
     "hf_trainer": "HF Trainer + DataCollatorForLanguageModeling",
     "noray": "ptft recipe without Ray (2 spawned processes)",
 }
@@ -448,24 +472,37 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
         (f"ptft_variant{i}_tokens_per_s", dict(name=f"variant{i}", extra=variant.split()))
         for i, variant in enumerate(a.variant)
     ]
-    for r in range(a.repeats):
-        for name in a.baselines:
-            best(f"{name}_tokens_per_s", BASELINES[name](dataset, work, a.steps, a.warmup))
+
+    def ptft_rows(r: int) -> None:
         with launcher.session(num_cpus=2):
             run_ptft(dataset, work, 10, a.warmup, name=f"warmup_r{r}")
             for key, kw in rows:
                 best(key, run_ptft(dataset, work, a.steps, a.warmup, **{**kw, "name": f"{kw.get('name', key)}_r{r}"}))
+
+    def baseline(name: str):
+        return lambda r: best(f"{name}_tokens_per_s", BASELINES[name](dataset, work, a.steps, a.warmup))
+
+    setups = [*(baseline(name) for name in a.baselines), ptft_rows]
+    for r in range(a.repeats):
+        # each round starts one setup later, so that a drift of the machine falls on every setup alike
+        for i in range(len(setups)):
+            setups[(i + r) % len(setups)](r)
     figures["rounds"] = rounds
-    figures["ptft_tokens_per_s"] = figures[f"ptft_zero{a.stages[0]}_tokens_per_s"]
+    ptft_key = f"ptft_zero{a.stages[0]}_tokens_per_s"
+    figures["ptft_tokens_per_s"] = figures[ptft_key]
     for name in a.baselines:
         figures[f"ratio_ptft_vs_{name}"] = figures["ptft_tokens_per_s"] / figures[f"{name}_tokens_per_s"]
-    print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10}")
+        # paired within each round: a machine that drifts between rounds moves both sides of a ratio
+        paired = [p / b for p, b in zip(rounds[ptft_key], rounds[f"{name}_tokens_per_s"])]
+        figures[f"median_ratio_ptft_vs_{name}"] = statistics.median(paired)
+    print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10} {'median of rounds':>17}")
     for name, key in (
         *((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages),
         *((f"ptft {v}", f"ptft_variant{i}_tokens_per_s") for i, v in enumerate(a.variant)),
         *((BASELINE_TITLES[b], f"{b}_tokens_per_s") for b in a.baselines),
     ):
-        print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f}")
+        paired = statistics.median(p / b for p, b in zip(rounds[ptft_key], rounds[key]))
+        print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f} {paired:>17.2f}")
 
 
 #: Bytes per parameter per rank, 2 ranks, at the peak of the model states (after backward,
