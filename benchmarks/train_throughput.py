@@ -234,7 +234,7 @@ def _free_port() -> int:
 
 
 def _ddp_worker(
-    rank: int, world: int, port: int, dataset: str, steps: int, warmup: int, out: str, bucket_cap_mb: float
+    rank: int, world: int, port: int, dataset: str, steps: int, warmup: int, out: str, bucket_cap_mb: float | None
 ) -> None:
     import torch.distributed as dist
 
@@ -259,8 +259,10 @@ def _ddp_worker(
     dist.destroy_process_group()
 
 
-def run_ddp(dataset: Path, work: Path, steps: int, warmup: int, bucket_cap_mb: float = 25) -> float:
-    """Torch DDP as users run it: 25 MB buckets (its default), each all-reduced as the backward fills it."""
+def run_ddp(dataset: Path, work: Path, steps: int, warmup: int, bucket_cap_mb: float | None = None) -> float:
+    """Torch DDP as users run it (``bucket_cap_mb`` None): buckets of 25 MB after a first one of
+    1 MB, each all-reduced as soon as the backward has filled it. (Any value given, even 25,
+    makes the first bucket that size too.)"""
     out = work / "ddp_tokens_per_s.json"
     args = (2, _free_port(), str(dataset), steps, warmup, str(out), bucket_cap_mb)
     torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2)
@@ -269,8 +271,8 @@ def run_ddp(dataset: Path, work: Path, steps: int, warmup: int, bucket_cap_mb: f
 
 def run_ddp_one_bucket(dataset: Path, work: Path, steps: int, warmup: int) -> float:
     """DDP without its overlap: every gradient in one bucket (the model's 19 MB of fp32
-    gradients fit in 1 GB), so the all-reduce starts when the backward is done, as
-    DeepSpeed's CPU path reduces (only DDP's first bucket, 1 MB, still goes early)."""
+    gradients fit in 1 GB, and a given cap sizes the first bucket too), so the all-reduce
+    starts when the backward is done, as DeepSpeed's CPU path reduces."""
     return run_ddp(dataset, work, steps, warmup, bucket_cap_mb=1024)
 
 
@@ -490,19 +492,22 @@ def throughput(dataset: Path, work: Path, a, figures: dict) -> None:
     figures["rounds"] = rounds
     ptft_key = f"ptft_zero{a.stages[0]}_tokens_per_s"
     figures["ptft_tokens_per_s"] = figures[ptft_key]
+
+    def median_of_rounds(key: str) -> float:
+        """ptft / this setup, paired within each round (a drift between rounds moves both sides)."""
+        return statistics.median(p / b for p, b in zip(rounds[ptft_key], rounds[key]))
+
     for name in a.baselines:
         figures[f"ratio_ptft_vs_{name}"] = figures["ptft_tokens_per_s"] / figures[f"{name}_tokens_per_s"]
-        # paired within each round: a machine that drifts between rounds moves both sides of a ratio
-        paired = [p / b for p, b in zip(rounds[ptft_key], rounds[f"{name}_tokens_per_s"])]
-        figures[f"median_ratio_ptft_vs_{name}"] = statistics.median(paired)
+        figures[f"median_ratio_ptft_vs_{name}"] = median_of_rounds(f"{name}_tokens_per_s")
     print(f"\n{'setup':<46} {'tokens/s':>10} {'ptft / it':>10} {'median of rounds':>17}")
     for name, key in (
         *((f"ptft pretrain (Ray, 2 workers, ZeRO-{st})", f"ptft_zero{st}_tokens_per_s") for st in a.stages),
         *((f"ptft {v}", f"ptft_variant{i}_tokens_per_s") for i, v in enumerate(a.variant)),
         *((BASELINE_TITLES[b], f"{b}_tokens_per_s") for b in a.baselines),
     ):
-        paired = statistics.median(p / b for p, b in zip(rounds[ptft_key], rounds[key]))
-        print(f"{name:<46} {figures[key]:>10.0f} {figures['ptft_tokens_per_s'] / figures[key]:>10.2f} {paired:>17.2f}")
+        ratio, paired = figures["ptft_tokens_per_s"] / figures[key], median_of_rounds(key)
+        print(f"{name:<46} {figures[key]:>10.0f} {ratio:>10.2f} {paired:>17.2f}")
 
 
 #: Bytes per parameter per rank, 2 ranks, at the peak of the model states (after backward,
