@@ -182,7 +182,7 @@ def run_peft_ddp(base: Path, work: Path, sst2: Path, steps: int, name: str) -> f
 
     out = work / f"{name}.json"
     overrides = sst2_overrides(base, work / name, sst2, steps)
-    torch.multiprocessing.spawn(_peft_ddp_worker, args=(2, tt._free_port(), overrides, str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_peft_ddp_worker, args=(2, tt.free_port(), overrides, str(out)), nprocs=2)
     return json.loads(out.read_text())
 
 

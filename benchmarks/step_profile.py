@@ -335,7 +335,7 @@ def _start_ddp(dataset: Path, progress: Path):
     """The DDP loop on 2 spawned ranks, once both have done WARM_STEPS steps: (the spawn
     context, the ranks' pids, a function that reads rank 0's step)."""
     ctx = torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, tt._free_port(), str(dataset), str(progress)), nprocs=2, join=False
+        _ddp_worker, args=(2, tt.free_port(), str(dataset), str(progress)), nprocs=2, join=False
     )
 
     def beat(rank: int) -> tuple[int, int]:

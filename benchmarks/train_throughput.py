@@ -177,7 +177,7 @@ def _recipe_worker(rank: int, world: int, port: int, recipe: str, config_class: 
 def run_recipe_spawned(recipe: str, cfg, nprocs: int = 2) -> None:
     """A ptft recipe on ``nprocs`` spawned processes, without Ray (``cfg`` resolved: absolute paths)."""
     jobs.prepare_run_dir(cfg.run_dir, cfg)
-    args = (nprocs, _free_port(), recipe, type(cfg).__name__, C.to_dict(cfg))
+    args = (nprocs, free_port(), recipe, type(cfg).__name__, C.to_dict(cfg))
     torch.multiprocessing.spawn(_recipe_worker, args=args, nprocs=nprocs)
 
 
@@ -227,7 +227,7 @@ def run_plain(dataset: Path, work: Path, steps: int, warmup: int) -> float:
     return steady_tokens_per_s(times, GLOBAL_BATCH * SEQ_LEN, warmup)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -264,7 +264,7 @@ def run_ddp(dataset: Path, work: Path, steps: int, warmup: int, bucket_cap_mb: f
     1 MB, each all-reduced as soon as the backward has filled it. (Any value given, even 25,
     makes the first bucket that size too.)"""
     out = work / "ddp_tokens_per_s.json"
-    args = (2, _free_port(), str(dataset), steps, warmup, str(out), bucket_cap_mb)
+    args = (2, free_port(), str(dataset), steps, warmup, str(out), bucket_cap_mb)
     torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2)
     return json.loads(out.read_text())
 
@@ -408,7 +408,7 @@ def run_zero_memory(dataset: Path, work: Path, stages=(0, 1, 2, 3), precision: s
     for stage in stages:
         out = work / f"zero{stage}_{precision}.json"
         torch.multiprocessing.spawn(
-            _zero_worker, args=(2, _free_port(), str(dataset), stage, str(out), precision), nprocs=2
+            _zero_worker, args=(2, free_port(), str(dataset), stage, str(out), precision), nprocs=2
         )
         results[stage] = json.loads(out.read_text())
     return results

@@ -1,4 +1,4 @@
-"""A ptft step stays as fast as the same step under plain torch DDP. Slow: about 6 minutes.
+"""A ptft step stays as fast as the same step under plain torch DDP. Slow: about 4 minutes.
 
 Runs ``benchmarks/train_throughput.py`` (ptft pretraining on Ray Train with ZeRO-2 against
 torch DDP, 2 processes x 1 thread, the same model, data and batch; 3 interleaved
