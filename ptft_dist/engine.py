@@ -14,7 +14,7 @@ import torch
 
 from .config import OptimConfig, ScalingConfig, ZeroConfig
 from .ds_config import deepspeed_config
-from .world import World
+from .world import World, direct_all_gather
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,9 @@ def on_gpu(scaling: ScalingConfig) -> bool:
     return scaling.use_gpu and torch.cuda.is_available()
 
 
-def init_distributed(world: World, scaling: ScalingConfig) -> None:
-    """Wrap the launcher's process group (Ray and torchrun set it up) for DeepSpeed."""
+def init_distributed(world: World, scaling: ScalingConfig, zero: ZeroConfig | None = None) -> None:
+    """Wrap the launcher's process group (Ray and torchrun set it up) for DeepSpeed, with the
+    all-gather ``zero.direct_all_gather`` asks for (None: its default)."""
     if not on_gpu(scaling):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # One thread per reserved CPU: two ranks on two cores must not oversubscribe.
@@ -53,6 +54,30 @@ def init_distributed(world: World, scaling: ScalingConfig) -> None:
         # name for the ranks on this node) and otherwise runs `numactl` in a subprocess, on
         # every ZeRO-3 gradient bucket: give it the number torchrun and Ray Train set.
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    choice = zero.direct_all_gather if zero is not None else None
+    _use_direct_all_gather(not on_gpu(scaling) if choice is None else choice)
+
+
+def _use_direct_all_gather(enabled: bool) -> None:
+    """Route DeepSpeed's blocking all-gathers into one tensor (ZeRO-1/2 gather the updated
+    parameter partitions with one after every step) through :func:`world.direct_all_gather`,
+    or give them back to the backend. Asynchronous ones (ZeRO-3's prefetch) stay the
+    backend's."""
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    backend.__dict__.pop("all_gather_into_tensor", None)  # the class's method again
+    if not enabled:
+        return
+    native = backend.all_gather_into_tensor
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if async_op or not (output_tensor.is_contiguous() and input_tensor.is_contiguous()):
+            return native(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+        direct_all_gather(output_tensor, input_tensor, group)
+        return None
+
+    backend.all_gather_into_tensor = all_gather_into_tensor
 
 
 @contextlib.contextmanager

@@ -67,6 +67,26 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def direct_all_gather(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """``dist.all_gather_into_tensor`` as one send and one receive per pair of ranks, all posted
+    at once (collective: every rank of ``group`` calls it). ``output`` holds the ranks' inputs
+    in rank order.
+
+    Over gloo it moves the same bytes per rank as gloo's ring all-gather in about half the
+    time (docs/performance.md; gloo's all-gather is slow over TCP, pytorch/gloo#471).
+    """
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    me = ranks.index(dist.get_rank())
+    chunks = output.view(-1).chunk(len(ranks))
+    chunks[me].copy_(input.view(-1))
+    ops = []
+    for i, peer in enumerate(ranks):
+        if i != me:
+            ops += [dist.P2POp(dist.isend, input, peer, group), dist.P2POp(dist.irecv, chunks[i], peer, group)]
+    for work in dist.batch_isend_irecv(ops) if ops else ():
+        work.wait()
+
+
 def all_gather_object(obj):
     """Gather one picklable object from every rank, in rank order (collective)."""
     if not is_distributed():

@@ -271,7 +271,7 @@ def run(cfg: FinetuneConfig, world: World, *, resume_dir: str | None = None, on_
     cfg.check()
     if resume_dir is not None:
         raise DataError(f"finetune[{cfg.name}]: finetune jobs write no checkpoints; {resume_dir} cannot be resumed")
-    engine_lib.init_distributed(world, cfg.scaling)
+    engine_lib.init_distributed(world, cfg.scaling, cfg.zero)
     torch.manual_seed(cfg.optim.seed)
     s = setup(cfg, world)
     cfg = s.cfg  # the run length in steps

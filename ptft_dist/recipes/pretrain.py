@@ -520,7 +520,7 @@ def run(
     cfg.check()
     if resume_dir:
         checkpoint.check_compatible(resume_dir, to_dict(cfg))
-    engine_lib.init_distributed(world, cfg.scaling)
+    engine_lib.init_distributed(world, cfg.scaling, cfg.zero)
     torch.manual_seed(cfg.optim.seed)
     s, state, guard = setup(cfg, world, resume_dir, on_checkpoint)
     cfg = s.cfg  # the run length in steps

@@ -1,0 +1,73 @@
+"""The direct all-gather (world.direct_all_gather) on real gloo process groups, and the ZeRO-2
+engine that uses it: 3 spawned ranks, as torchrun starts them."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from ptft_dist import config as C
+from ptft_dist import engine
+from ptft_dist.world import World, direct_all_gather
+
+WORLD = 3
+
+
+def _gathers_like_gloo(rank: int) -> None:
+    """Every dtype and group: the same output as gloo's own all-gather."""
+    for group in (None, dist.new_group([0, 2])):
+        members = dist.get_process_group_ranks(group or dist.group.WORLD)
+        if rank not in members:
+            continue
+        for dtype in (torch.float32, torch.int64):
+            mine = (torch.arange(5) + 100 * rank).to(dtype)
+            direct, gloo = torch.full((5 * len(members),), -1, dtype=dtype), torch.empty(5 * len(members), dtype=dtype)
+            direct_all_gather(direct, mine, group)
+            dist.all_gather_into_tensor(gloo, mine, group=group)
+            assert torch.equal(direct, gloo), (members, dtype, direct, gloo)
+
+
+def _zero2_weights(direct: bool) -> list[torch.Tensor]:
+    """Three ZeRO-2 steps of a small model from a fixed start, with the all-gather chosen."""
+    import deepspeed.comm.comm as ds_comm
+
+    engine._use_direct_all_gather(direct)
+    assert ("all_gather_into_tensor" in vars(ds_comm.cdb)) == direct  # routed as asked
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
+    optim = C.OptimConfig(global_batch_size=6, micro_batch_size_per_rank=2, lr=1e-2, warmup_steps=0)
+    ds = engine.ds_config(optim, C.ZeroConfig(stage=2, bucket_elements=1024), C.ScalingConfig(num_workers=WORLD))
+    eng = engine.initialize(model, optim, ds)
+    for step in range(3):
+        torch.manual_seed(10 * step + dist.get_rank())
+        x = torch.randn(2, 16)
+        eng.backward(eng(x).pow(2).mean())
+        eng.step()
+    return [p.detach().clone() for p in eng.module.parameters()]
+
+
+def _worker(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    _gathers_like_gloo(rank)
+    import deepspeed.comm.comm as ds_comm
+
+    world, scaling = World(rank=rank, local_rank=rank, world_size=WORLD), C.ScalingConfig(num_workers=WORLD)
+    engine.init_distributed(world, scaling, C.ZeroConfig(direct_all_gather=False))
+    assert "all_gather_into_tensor" not in vars(ds_comm.cdb)
+    engine.init_distributed(world, scaling)  # the default on CPU: direct
+    assert "all_gather_into_tensor" in vars(ds_comm.cdb)
+    backend, direct = _zero2_weights(direct=False), _zero2_weights(direct=True)
+    assert all(torch.equal(a, b) for a, b in zip(backend, direct)), (
+        "ZeRO-2 trained differently with the direct all-gather"
+    )
+    dist.destroy_process_group()
+
+
+def test_direct_all_gather_matches_gloo_is_the_cpu_default_and_trains_zero2_the_same():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(port,), nprocs=WORLD)
