@@ -271,6 +271,11 @@ class OptimConfig:
         "(global_batch_size x seq_len)) steps, at least 1.",
     )
     grad_clip: Number = f(1.0, "Clip the global gradient norm to this value (0 disables).")
+    fused: StrictBool | None = f(
+        None,
+        "AdamW as torch's fused kernel (`fused=True`) instead of its default multi-tensor loop; the same update. "
+        "Empty: fused on CPU, where it measured 3.4x faster (docs/performance.md), torch's default on GPU.",
+    )
     seed: StrictInt = f(0, "Seed of model init, data order and masking.")
 
     def check(self, path: str) -> None:

@@ -177,15 +177,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: torch.nn.Module, optim: OptimConfig, ds: dict[str, Any], clock: dict | None = None):
-    """The DeepSpeed engine with AdamW (weight-decay exclusions) and the lr schedule
-    (``clock``: see :func:`lr_lambda`)."""
+def fused_adamw(optim: OptimConfig, scaling: ScalingConfig) -> bool:
+    """Whether AdamW runs as torch's fused kernel: ``optim.fused``, by default on CPU."""
+    return not on_gpu(scaling) if optim.fused is None else optim.fused
+
+
+def initialize(
+    model: torch.nn.Module, optim: OptimConfig, ds: dict[str, Any], clock: dict | None = None, *, fused: bool = False
+):
+    """The DeepSpeed engine with AdamW (weight-decay exclusions; ``fused``: torch's fused
+    kernel, see :func:`fused_adamw`) and the lr schedule (``clock``: see :func:`lr_lambda`)."""
     import deepspeed
 
     groups = param_groups(model, optim.weight_decay)
     optimizer = None
     if "optimizer" not in ds:  # offload configs let DeepSpeed build its CPU Adam
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=1e-8)
+        # fused None, not False: False with foreach unset makes torch take its slowest, per-tensor loop
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=1e-8, fused=fused or None)
     schedule = lr_lambda(optim, clock)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -114,7 +114,7 @@ def setup(cfg: FinetuneConfig, world: World) -> Setup:
         ds = engine_lib.ds_config(cfg.optim, cfg.zero, cfg.scaling, hidden_size=hidden_size)
         model, family = adapters.build_classifier(cfg, names, ds)
         num_trainable, num_params = models.num_params(model, trainable_only=True), models.num_params(model)
-        engine = engine_lib.initialize(model, cfg.optim, ds)
+        engine = engine_lib.initialize(model, cfg.optim, ds, fused=engine_lib.fused_adamw(cfg.optim, cfg.scaling))
     except BaseException:
         tracker.close()
         raise

@@ -260,7 +260,13 @@ def setup(cfg: PretrainConfig, world: World, resume_dir: str | None, on_checkpoi
         with engine_lib.model_init_context(ds):
             model = models.build_mlm(cfg.model, hf_config)
         clock = {"progress": 0.0}  # share of time_budget_s spent, shared by rank 0 every step
-        engine = engine_lib.initialize(model, cfg.optim, ds, clock if cfg.time_budget_s else None)
+        engine = engine_lib.initialize(
+            model,
+            cfg.optim,
+            ds,
+            clock if cfg.time_budget_s else None,
+            fused=engine_lib.fused_adamw(cfg.optim, cfg.scaling),
+        )
         if world.is_rank_zero:
             log.info(
                 "%s: %s parameters; %s; ZeRO stage %d",

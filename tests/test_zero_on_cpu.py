@@ -1,5 +1,5 @@
-"""The direct all-gather (world.direct_all_gather) on real gloo process groups, and the ZeRO-2
-engine that uses it: 3 spawned ranks, as torchrun starts them."""
+"""What ptft changes in DeepSpeed's CPU path, on real gloo process groups (3 spawned ranks, as
+torchrun starts them): the direct all-gather (world.direct_all_gather) and fused AdamW."""
 
 import os
 import socket
@@ -28,8 +28,9 @@ def _gathers_like_gloo(rank: int) -> None:
             assert torch.equal(direct, gloo), (members, dtype, direct, gloo)
 
 
-def _zero2_weights(direct: bool) -> list[torch.Tensor]:
-    """Three ZeRO-2 steps of a small model from a fixed start, with the all-gather chosen."""
+def _zero2_weights(direct: bool, fused: bool = False) -> list[torch.Tensor]:
+    """Three ZeRO-2 steps of a small model from a fixed start, with the all-gather and AdamW
+    chosen."""
     import deepspeed.comm.comm as ds_comm
 
     engine._use_direct_all_gather(direct)
@@ -38,7 +39,8 @@ def _zero2_weights(direct: bool) -> list[torch.Tensor]:
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
     optim = C.OptimConfig(global_batch_size=6, micro_batch_size_per_rank=2, lr=1e-2, warmup_steps=0)
     ds = engine.ds_config(optim, C.ZeroConfig(stage=2, bucket_elements=1024), C.ScalingConfig(num_workers=WORLD))
-    eng = engine.initialize(model, optim, ds)
+    eng = engine.initialize(model, optim, ds, fused=fused)
+    assert eng.optimizer.optimizer.defaults["fused"] is (fused or None)
     for step in range(3):
         torch.manual_seed(10 * step + dist.get_rank())
         x = torch.randn(2, 16)
@@ -63,11 +65,23 @@ def _worker(rank: int, port: int) -> None:
     assert all(torch.equal(a, b) for a, b in zip(backend, direct)), (
         "ZeRO-2 trained differently with the direct all-gather"
     )
+    fused = _zero2_weights(direct=True, fused=True)  # the same update, in another order of float operations
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(direct, fused)), "fused AdamW moved apart"
+    assert not all(torch.equal(a, b) for a, b in zip(direct, fused)), "fused AdamW did not run"
     dist.destroy_process_group()
 
 
-def test_direct_all_gather_matches_gloo_is_the_cpu_default_and_trains_zero2_the_same():
+def test_direct_all_gather_matches_gloo_is_the_cpu_default_and_trains_zero2_the_same_as_fused_adamw():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_worker, args=(port,), nprocs=WORLD)
+
+
+def test_fused_adamw_is_the_default_on_cpu():
+    optim = C.OptimConfig()
+    assert engine.fused_adamw(optim, C.ScalingConfig()) is True
+    assert engine.fused_adamw(C.OptimConfig(fused=False), C.ScalingConfig()) is False
+    assert (
+        engine.fused_adamw(optim, C.ScalingConfig(use_gpu=True)) is not torch.cuda.is_available()
+    )  # GPU: torch default
