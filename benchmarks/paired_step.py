@@ -56,7 +56,7 @@ def _engine_setup(dataset: Path, cfg, stage: int, *, direct: bool, fused: bool):
     engine = E.initialize(model, cfg.optim, ds, fused=fused)
 
     def step(inputs, labels) -> None:
-        E._use_direct_all_gather(direct)  # process-wide: set before every step
+        E.use_direct_all_gather(direct)  # process-wide: set before every step
         loss = engine(input_ids=inputs, labels=labels).loss
         loss.item()
         engine.backward(loss)

@@ -55,10 +55,10 @@ def init_distributed(world: World, scaling: ScalingConfig, zero: ZeroConfig | No
         # every ZeRO-3 gradient bucket: give it the number torchrun and Ray Train set.
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     choice = zero.direct_all_gather if zero is not None else None
-    _use_direct_all_gather(not on_gpu(scaling) if choice is None else choice)
+    use_direct_all_gather(not on_gpu(scaling) if choice is None else choice)
 
 
-def _use_direct_all_gather(enabled: bool) -> None:
+def use_direct_all_gather(enabled: bool) -> None:
     """Route DeepSpeed's blocking all-gathers into one tensor (ZeRO-1/2 gather the updated
     parameter partitions with one after every step) through :func:`world.direct_all_gather`,
     or give them back to the backend. Asynchronous ones (ZeRO-3's prefetch) stay the

@@ -76,6 +76,11 @@ def direct_all_gather(output: torch.Tensor, input: torch.Tensor, group=None) -> 
     time (docs/performance.md; gloo's all-gather is slow over TCP, pytorch/gloo#471).
     """
     ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    if output.numel() != len(ranks) * input.numel() or output.dtype != input.dtype:
+        raise ValueError(
+            f"direct_all_gather: the output ({output.numel()} x {output.dtype}) must hold {len(ranks)} inputs "
+            f"({input.numel()} x {input.dtype})"
+        )
     me = ranks.index(dist.get_rank())
     chunks = output.view(-1).chunk(len(ranks))
     chunks[me].copy_(input.view(-1))

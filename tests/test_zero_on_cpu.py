@@ -4,6 +4,7 @@ torchrun starts them): the direct all-gather (world.direct_all_gather) and fused
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -26,6 +27,8 @@ def _gathers_like_gloo(rank: int) -> None:
             direct_all_gather(direct, mine, group)
             dist.all_gather_into_tensor(gloo, mine, group=group)
             assert torch.equal(direct, gloo), (members, dtype, direct, gloo)
+    with pytest.raises(ValueError, match=r"must hold 3 inputs \(5 x torch.float32\)"):
+        direct_all_gather(torch.empty(14), torch.zeros(5))  # checked before anything is sent
 
 
 def _zero2_weights(direct: bool, fused: bool = False) -> list[torch.Tensor]:
@@ -33,7 +36,7 @@ def _zero2_weights(direct: bool, fused: bool = False) -> list[torch.Tensor]:
     chosen."""
     import deepspeed.comm.comm as ds_comm
 
-    engine._use_direct_all_gather(direct)
+    engine.use_direct_all_gather(direct)
     assert ("all_gather_into_tensor" in vars(ds_comm.cdb)) == direct  # routed as asked
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
