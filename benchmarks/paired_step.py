@@ -52,7 +52,9 @@ def _engine_setup(dataset: Path, cfg, stage: int, *, direct: bool, fused: bool):
     step), with the all-gather and AdamW asked for."""
     torch.manual_seed(0)
     model, _ = tt.make_model(dataset, tt.MODEL)
-    ds = E.ds_config(cfg.optim, dataclasses.replace(cfg.zero, stage=stage), cfg.scaling, hidden_size=256)
+    ds = E.ds_config(
+        cfg.optim, dataclasses.replace(cfg.zero, stage=stage), cfg.scaling, hidden_size=tt.MODEL["hidden_size"]
+    )
     engine = E.initialize(model, cfg.optim, ds, fused=fused)
 
     def step(inputs, labels) -> None:
