@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 import train_throughput as tt  # noqa: E402
 
 from ptft_dist import engine as E  # noqa: E402
+from ptft_dist.data.build import read_manifest  # noqa: E402
 from ptft_dist.world import World, direct_all_gather  # noqa: E402
 
 WORLD, WARMUP = 2, 5
@@ -91,7 +92,7 @@ def _steps_worker(rank: int, port: int, dataset: str, work: str, steps: int, sta
         setups["ZeRO-2, gloo's all-gather"] = _engine_setup(data_dir, cfg, 2, direct=False, fused=True)
         setups["ZeRO-2, torch's default AdamW"] = _engine_setup(data_dir, cfg, 2, direct=True, fused=False)
         setups["ZeRO-2, neither (before)"] = _engine_setup(data_dir, cfg, 2, direct=False, fused=False)
-    _, manifest = tt.make_model(data_dir, tt.MODEL)
+    manifest = read_manifest(data_dir)
     samples = tt.train_samples(data_dir, tt.GLOBAL_BATCH * 40)
     micro = tt.GLOBAL_BATCH // WORLD
     times: dict[str, list[float]] = {name: [] for name in setups}

@@ -81,7 +81,7 @@ def direct_all_gather(output: torch.Tensor, input: torch.Tensor, group=None) -> 
             f"direct_all_gather: the output ({output.numel()} x {output.dtype}) must hold {len(ranks)} inputs "
             f"({input.numel()} x {input.dtype})"
         )
-    me = ranks.index(dist.get_rank())
+    me = dist.get_rank(group)  # the rank within the group: the index of its chunk
     chunks = output.view(-1).chunk(len(ranks))
     chunks[me].copy_(input.view(-1))
     ops = []
